@@ -1,0 +1,1 @@
+"""Reading adapter files and LoRA dataset folders (numpy + safetensors; no JAX tracing)."""
