@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from gllora.io import _safetensors_mmap as st
+from gllora.io import _safetensors
 from gllora.lora import GroupSpec, Lora, LoraSpec
 
 FORMAT = "gllora.dataset"
@@ -562,7 +562,7 @@ class Dataset:
 
     def _open_shard(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         file = os.path.join(self.path, entry["file"])
-        tensors = st.memmap_file(file)
+        tensors = _safetensors.memmap(_safetensors.read_header(file))
         expected = {"ids"}
         for gi, (group, r) in enumerate(zip(self.spec.groups, entry["ranks"])):
             k = len(group.names)
