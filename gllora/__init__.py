@@ -1,10 +1,23 @@
 """gllora: Learning on LoRAs in JAX/Flax.
 
-Models whose input is the LoRA adapter of a finetuned model: the LoRA weight space,
-its GL(r) symmetry, the paper's five LoL models, adapter readers, dataset folders,
-training and prediction.
+Models whose input is the LoRA adapter of a finetuned model: the LoRA weight space
+(:class:`Lora`), its GL(r) symmetry (:mod:`gllora.group`), featurizers, the paper's
+five LoL models (:mod:`gllora.models`), adapter readers and dataset folders
+(:mod:`gllora.io`), and symmetry checks (:mod:`gllora.testing`).
 """
 
-from gllora.lora import Lora
+from gllora import features, group, models, ops, testing
+from gllora.lora import Lora, LoraSpec, in_axes, stack, to_layout
 
-__all__ = ["Lora"]
+__all__ = [
+    "Lora",
+    "LoraSpec",
+    "features",
+    "group",
+    "in_axes",
+    "models",
+    "ops",
+    "stack",
+    "testing",
+    "to_layout",
+]

@@ -233,9 +233,11 @@ class Lora:
         groups, us, vs, ranks = [], [], [], []
         for (n, m), names in grouped.items():
             r_max = max(checked[name][0].shape[-1] for name in names)
-            pad = lambda x: _pad_last(jnp.asarray(x, target), r_max)
-            us.append(jnp.stack([pad(checked[name][0]) for name in names], axis=-3))
-            vs.append(jnp.stack([pad(checked[name][1]) for name in names], axis=-3))
+            # Stack numpy inputs in numpy: one transfer per group instead of per module.
+            xp = np if all(isinstance(x, np.ndarray) for n_ in names for x in checked[n_]) else jnp
+            for out, j in ((us, 0), (vs, 1)):
+                stacked = xp.stack([_pad_last(checked[name][j], r_max) for name in names], axis=-3)
+                out.append(jnp.asarray(stacked, target))
             r = jnp.asarray([checked[name][0].shape[-1] for name in names], jnp.int32)
             ranks.append(jnp.broadcast_to(r, (*batch_shape, len(names))))
             groups.append(GroupSpec(tuple(names), n, m))

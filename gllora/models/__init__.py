@@ -1,0 +1,81 @@
+"""The five LoL models of the paper behind one registry.
+
+>>> model = build("glnet", num_outputs=3)             # also "mlp", "mlp_oalign", "mlp_svd", "mlp_dense"
+>>> variables = model.init(key, lora)                 # ONE example
+>>> y = model.apply(variables, lora)                  # [num_outputs]
+
+Training mode (dropout) is ``model.apply(variables, lora, train=True,
+rngs={"dropout": key})``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+
+from gllora.models.glnet import GLNet, GLNetTrunk
+from gllora.models.mlp import Mlp, MlpDense, MlpOAlign, MlpSvd
+
+#: name -> (class, symmetry of its output). "gl": invariant to GL(r)^L; "o": to O(r)^L only.
+REGISTRY: dict[str, tuple[type[nn.Module], str | None]] = {
+    "mlp": (Mlp, None),
+    "mlp_oalign": (MlpOAlign, "o"),
+    "mlp_svd": (MlpSvd, "gl"),
+    "mlp_dense": (MlpDense, "gl"),
+    "glnet": (GLNet, "gl"),
+}
+
+
+def names() -> tuple[str, ...]:
+    """Registered model names."""
+    return tuple(REGISTRY)
+
+
+def invariance(name: str) -> str | None:
+    """The group a registered model is invariant to: ``"gl"``, ``"o"`` or ``None``."""
+    return _lookup(name)[1]
+
+
+def _lookup(name: str) -> tuple[type[nn.Module], str | None]:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def build(name: str, num_outputs: int, **hparams: Any) -> nn.Module:
+    """Builds a registered model.
+
+    Args:
+      name: one of :func:`names`.
+      num_outputs: size of the output vector.
+      **hparams: the model's attributes (e.g. ``equiv_width``, ``hidden``, ``template``).
+
+    Raises:
+      ValueError: unknown model name or hyperparameter.
+    """
+    cls, _ = _lookup(name)
+    fields = set(cls.__dataclass_fields__) - {"parent", "name", "num_outputs"}
+    unknown = set(hparams) - fields
+    if unknown:
+        raise ValueError(
+            f"model {name!r} has no hyperparameters {sorted(unknown)}; "
+            f"it takes: {', '.join(sorted(fields))}"
+        )
+    if not isinstance(num_outputs, int) or num_outputs < 1:
+        raise ValueError(f"num_outputs must be a positive int, got {num_outputs!r}")
+    return cls(num_outputs=num_outputs, **hparams)
+
+
+__all__ = [
+    "GLNet",
+    "GLNetTrunk",
+    "Mlp",
+    "MlpDense",
+    "MlpOAlign",
+    "MlpSvd",
+    "REGISTRY",
+    "build",
+    "invariance",
+    "names",
+]

@@ -1,0 +1,121 @@
+"""Equivariant maps, nonlinearities and featurizers, against their definitions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gllora import Lora, features, layers, ops, testing
+
+KEY = jax.random.key(0)
+SHAPES = {"a": (20, 12), "b": (20, 12), "c": (7, 30)}
+
+
+def _map_groups(fn):
+    """Lifts a per-group ``(u, v) -> (u', v')`` function to a LoRA -> LoRA function."""
+
+    def lifted(lora):
+        pairs = [fn(u, v) for u, v in zip(lora.u, lora.v)]
+        return lora.replace(u=tuple(p[0] for p in pairs), v=tuple(p[1] for p in pairs))
+
+    return lifted
+
+
+def test_row_sums_match_the_dense_product():
+    lora = testing.random_lora(KEY, SHAPES, rank=3)
+    rows, cols = ops.row_sums(lora.u[0], lora.v[0])
+    dense = np.asarray(features.dense(lora.u[0], lora.v[0]))
+    np.testing.assert_allclose(rows, dense.sum(2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cols, dense.sum(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sigma", sorted(ops.SIGMAS))
+def test_gl_nonlinearity_is_equivariant(sigma):
+    lora = testing.random_lora(KEY, SHAPES, rank=3)
+    fn = _map_groups(lambda u, v: ops.gl_nonlinearity(u, v, ops.SIGMAS[sigma]))
+    testing.assert_equivariant(fn, jax.random.key(1), lora)
+
+
+def test_pointwise_relu_is_not_equivariant_negative_control():
+    lora = testing.random_lora(KEY, SHAPES, rank=3)
+    with pytest.raises(AssertionError, match="not equivariant"):
+        testing.assert_equivariant(
+            _map_groups(lambda u, v: (jax.nn.relu(u), jax.nn.relu(v))), jax.random.key(1), lora
+        )
+
+
+def test_equivariant_linear_is_equivariant_and_right_multiplication_is_not():
+    lora = testing.random_lora(KEY, SHAPES, rank=3)
+    phis = [
+        jax.random.normal(jax.random.key(i), (u.shape[0], 5, u.shape[1]))
+        for i, u in enumerate(lora.u)
+    ]
+    psis = [
+        jax.random.normal(jax.random.key(9 + i), (v.shape[0], 5, v.shape[1]))
+        for i, v in enumerate(lora.v)
+    ]
+
+    def linear(x):
+        return x.replace(
+            u=tuple(ops.equivariant_linear(p, u) for p, u in zip(phis, x.u)),
+            v=tuple(ops.equivariant_linear(p, v) for p, v in zip(psis, x.v)),
+        )
+
+    testing.assert_equivariant(linear, jax.random.key(1), lora)
+    mix = jax.random.normal(jax.random.key(3), (3, 3))
+    with pytest.raises(AssertionError):
+        testing.assert_equivariant(
+            _map_groups(lambda u, v: (u @ mix, v @ mix)), jax.random.key(1), lora
+        )
+
+
+def test_singular_values_equal_numpy_svd_of_the_dense_product():
+    lora = testing.random_lora(KEY, {"a": (40, 25), "b": (3, 50)}, rank=5)
+    for u, v in zip(lora.u, lora.v):
+        got = np.asarray(features.singular_values(u, v))
+        dense = np.asarray(u, np.float64) @ np.swapaxes(np.asarray(v, np.float64), -1, -2)
+        want = np.linalg.svd(dense, compute_uv=False)[..., :5]
+        want = np.pad(want, [(0, 0), (0, 5 - want.shape[-1])])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # Truncation and zero-padding to another rank.
+    s = features.singular_values(lora.u[0], lora.v[0])
+    np.testing.assert_array_equal(
+        features.singular_values(lora.u[0], lora.v[0], rank=2), s[..., :2]
+    )
+    padded = features.singular_values(lora.u[0], lora.v[0], rank=8)
+    np.testing.assert_array_equal(padded[..., 5:], 0.0)
+
+
+def test_singular_values_are_gl_invariant_even_ill_conditioned():
+    lora = testing.random_lora(KEY, SHAPES, rank=4)
+    fn = lambda x: [features.singular_values(u, v) for u, v in zip(x.u, x.v)]
+    testing.assert_invariant(fn, jax.random.key(2), lora)
+    testing.assert_invariant(fn, jax.random.key(2), lora, max_cond=100.0, rtol=1e-3, atol=1e-4)
+
+
+def test_oalign_is_o_invariant_but_not_gl_invariant():
+    lora = testing.random_lora(KEY, SHAPES, rank=4)
+    template = testing.random_lora(jax.random.key(7), SHAPES, rank=4)
+    fn = lambda x: [
+        features.oalign(u, v, ut, vt) for u, v, ut, vt in zip(x.u, x.v, template.u, template.v)
+    ]
+    testing.assert_invariant(fn, jax.random.key(2), lora, kind="o", rtol=1e-3, atol=1e-4)
+    with pytest.raises(AssertionError):
+        testing.assert_invariant(fn, jax.random.key(2), lora, kind="gl")
+    # Procrustes returns an orthogonal matrix that does minimise the distance.
+    q = np.asarray(features.procrustes(lora.u[0], lora.v[0], template.u[0], template.v[0]))
+    np.testing.assert_allclose(
+        q @ np.swapaxes(q, -1, -2), np.broadcast_to(np.eye(4), q.shape), atol=1e-5
+    )
+
+
+def test_trunk_layers_work_on_mixed_ranks():
+    f = {
+        "a": (np.ones((6, 2), np.float32), np.ones((5, 2), np.float32)),
+        "b": (np.ones((6, 4), np.float32), np.ones((5, 4), np.float32)),
+    }
+    lora = Lora.from_factors(f)
+    out = layers.gl_nonlinearity(lora, "sigmoid")
+    np.testing.assert_array_equal(out.factors("a")[0][:, 2:], 0.0)
+    with pytest.raises(ValueError, match="unknown GL nonlinearity"):
+        layers.gl_nonlinearity(lora, "gelu")
