@@ -1,17 +1,21 @@
 """A small synthetic LoRA dataset family whose targets are GL-invariant functions.
 
-Random LoRAs (each module ``u v^T`` with a random per-module scale, its factors moved by
-a random GL(r) element so that the raw factors carry no canonical form) and targets
-computed from the products ``delta_i = u_i v_i^T`` only, exactly and cheaply through
-``r x r`` Gram matrices:
+Random LoRAs: each module is switched on with probability 0.8 (an inactive module has
+zero factors, as when an adapter targets only some layers), its ``u v^T`` has a
+per-LoRA and a per-module scale, and its factors are moved by a random GL(r) element
+of condition number <= 4, so the raw factors carry no canonical form. Every target is
+computed from the products ``delta_i = u_i v_i^T`` only, exactly, through ``r x r``
+Gram matrices:
 
-- ``log_norm`` (regression): ``log sum_i |delta_i|_F``;
-- ``trace`` (regression): ``sum_i <A_i, delta_i>`` for fixed random ``A_i``;
-- ``positive`` (binary): ``trace > 0``;
-- ``bits`` (multi-label): one bit per module, ``<A_i, delta_i> > 0``;
+- ``alignment`` (regression): ``sum_i <A_i, delta_i> / sum_i |A_i| |delta_i|`` for fixed
+  random ``A_i``: linear in the deltas and free of their scale;
+- ``log_norm`` (regression): ``log sum_i |delta_i|_F`` (mostly the per-LoRA scale);
+- ``positive`` (binary): ``sum_i <A_i, delta_i> > 0``;
+- ``active`` (multi-label): which modules are switched on;
+- ``num_active`` (categorical): how many are;
 - ``largest`` (categorical): the module with the largest ``|delta_i|_F``.
 
-For tests and demos (seconds to generate) until the built-in datasets are used.
+For tests and demos (seconds to generate).
 
     python -m data_gen.synthetic --out=/tmp/synthetic --num=1000 [--seed=0 --rank=4]
 """
@@ -25,11 +29,11 @@ from gllora.io import dataset
 
 #: (name, n, m): two same-shaped "attention" modules per layer and one other shape.
 MODULES = (
-    ("layers.0.q", 16, 24),
-    ("layers.0.v", 16, 24),
-    ("layers.1.q", 16, 24),
-    ("layers.1.v", 16, 24),
-    ("head", 8, 12),
+    ("layers.0.q", 8, 12),
+    ("layers.0.v", 8, 12),
+    ("layers.1.q", 8, 12),
+    ("layers.1.v", 8, 12),
+    ("head", 6, 8),
 )
 
 
@@ -37,40 +41,56 @@ def generate(num: int, seed: int = 0, rank: int = 4, modules=MODULES):
     """Returns ``(factors, labels)``: ``{name: (u [num, n, r], v [num, m, r])}`` and columns."""
     rng = np.random.default_rng(seed)
     probe = np.random.default_rng(1234)  # the same A_i for every seed: targets mean the same
-    factors, traces, norms = {}, [], []
-    for name, n, m in modules:
+    active = rng.random((num, len(modules))) < 0.8
+    active[np.arange(num), rng.integers(len(modules), size=num)] = True  # at least one
+    # A per-LoRA scale shared by every module (as a learning rate or a step count would
+    # be) and a smaller per-module one: norms vary between LoRAs and between modules.
+    lora_scale = np.exp(0.5 * rng.normal(size=(num, 1, 1)))
+    factors, traces, norms, a_norms = {}, [], [], []
+    for i, (name, n, m) in enumerate(modules):
         u = rng.normal(size=(num, n, rank)) / np.sqrt(n)
         v = rng.normal(size=(num, m, rank)) / np.sqrt(m)
-        u *= np.exp(rng.normal(size=(num, 1, 1)))  # per-module scale: varied norms
-        g = rng.normal(size=(num, rank, rank)) + 2 * np.eye(rank)  # invertible a.s.
+        u *= lora_scale * np.exp(0.3 * rng.normal(size=(num, 1, 1))) * active[:, i, None, None]
+        v *= active[:, i, None, None]
+        g = _random_gl(rng, num, rank)
         u_g = u @ g
         v_g = np.swapaxes(np.linalg.solve(g, np.swapaxes(v, 1, 2)), 1, 2)
         a = probe.normal(size=(n, m))
         # <A, u v^T> = sum_r u[:, r]^T A v[:, r];  |u v^T|_F^2 = tr((u^T u)(v^T v)).
         traces.append(np.einsum("bnr,nm,bmr->b", u, a, v))
-        norms.append(
-            np.sqrt(np.einsum("brs,bsr->b", np.swapaxes(u, 1, 2) @ u, np.swapaxes(v, 1, 2) @ v))
-        )
+        gram = np.einsum("brs,bsr->b", np.swapaxes(u, 1, 2) @ u, np.swapaxes(v, 1, 2) @ v)
+        norms.append(np.sqrt(np.maximum(gram, 0.0)))
+        a_norms.append(np.linalg.norm(a))
         factors[name] = (u_g.astype(np.float32), v_g.astype(np.float32))
     traces, norms = np.stack(traces, 1), np.stack(norms, 1)
     labels = {
+        "alignment": traces.sum(1) / (norms * np.asarray(a_norms)).sum(1),
         "log_norm": np.log(norms.sum(1)),
-        "trace": traces.sum(1),
         "positive": traces.sum(1) > 0,
+        "num_active": active.sum(1),
         "largest": norms.argmax(1),
     }
-    for (name, _, _), bit in zip(modules, (traces > 0).T):
-        labels[f"bit_{name}"] = bit
+    for (name, _, _), bit in zip(modules, active.T):
+        labels[f"active_{name}"] = bit
     labels["seed"] = np.full(num, seed)
     return factors, labels
 
 
+def _random_gl(rng: np.random.Generator, num: int, rank: int, max_cond: float = 4.0) -> np.ndarray:
+    """``[num, r, r]`` random ``Q1 diag(s) Q2^T`` with condition number <= ``max_cond``."""
+    q1, _ = np.linalg.qr(rng.normal(size=(num, rank, rank)))
+    q2, _ = np.linalg.qr(rng.normal(size=(num, rank, rank)))
+    s = np.exp(rng.uniform(-0.5, 0.5, size=(num, 1, rank)) * np.log(max_cond))
+    return (q1 * s) @ np.swapaxes(q2, 1, 2)
+
+
 def targets(modules=MODULES) -> dict:
     return {
+        "alignment": {"task": "regression", "columns": ["alignment"]},
         "log_norm": {"task": "regression", "columns": ["log_norm"]},
-        "trace": {"task": "regression", "columns": ["trace"]},
         "positive": {"task": "binary", "columns": ["positive"]},
-        "bits": {"task": "multilabel", "columns": [f"bit_{name}" for name, _, _ in modules]},
+        "active": {"task": "multilabel", "columns": [f"active_{name}" for name, _, _ in modules]},
+        "num_active": {"task": "categorical", "columns": ["num_active"]},
         "largest": {"task": "categorical", "columns": ["largest"]},
     }
 

@@ -8,6 +8,7 @@ five LoL models (:mod:`gllora.models`), adapter readers and dataset folders
 
 from gllora import features, group, models, ops, testing
 from gllora.lora import Lora, LoraSpec, in_axes, stack, to_layout
+from gllora.train import Predictor
 
 __all__ = [
     "Lora",

@@ -1,0 +1,53 @@
+"""Evaluating a trained run on a dataset split, from its checkpoint alone."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from gllora.io import dataset as dataset_lib
+from gllora.train import loop, pipeline, tasks
+from gllora.train.predictor import Predictor
+
+
+def evaluate_workdir(
+    workdir: str, split: str = "test", dataset_path: str | None = None
+) -> dict[str, Any]:
+    """Per-seed metrics of the run's best models on ``split`` of its dataset.
+
+    Returns:
+      ``{"split", "per_seed": [{target: metrics}], "summary": {target: {metric: {mean, std}}}}``.
+    """
+    predictor = Predictor.from_workdir(workdir)
+    with open(os.path.join(workdir, "targets.json")) as f:
+        meta = json.load(f)
+    ds = dataset_lib.open(dataset_path or meta["dataset"])
+    if ds.spec.order != predictor.spec.order or ds.spec.groups != predictor.spec.groups:
+        raise ValueError(
+            f"{ds.path}: modules differ from those {workdir} was trained on: "
+            + "; ".join(predictor.spec.diff(ds.spec))
+        )
+    if split not in ds.splits:
+        raise ValueError(f"{ds.path}: no split {split!r}; splits: {sorted(ds.splits)}")
+    ids = np.sort(ds.splits[split])
+    labels = tasks.encode(ds, predictor.targets)
+    source = pipeline.Source(ds, predictor.ranks, None)
+    per_seed = loop.evaluate_split(
+        predictor._programs,
+        predictor.params,
+        predictor.consts,
+        source,
+        ids,
+        labels,
+        int(predictor.config.eval_batch_size),
+    )
+    return {
+        "workdir": workdir,
+        "dataset": ds.path,
+        "split": split,
+        "per_seed": per_seed,
+        "summary": loop.mean_std(per_seed),
+    }
