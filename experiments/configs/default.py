@@ -77,4 +77,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.log_every_steps = 20
     elif preset != "default":
         raise ValueError(f"unknown preset {preset!r}; presets: default, tiny")
+    config.lock()  # a misspelt field is an error, not a new field
     return config

@@ -98,4 +98,63 @@ class Predictor:
         return tasks.decode(self.targets, self.outputs(lora).mean(axis=0))
 
 
-__all__ = ["Predictor"]
+def predict_inputs(
+    predictor: Predictor, inputs: str, batch_size: int = 64
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Predictions for a dataset folder (every example) or a folder of adapter files.
+
+    Adapter folders are searched recursively (PEFT folders and ``.safetensors`` files of
+    any format :func:`gllora.io.load_adapter` reads). A file that cannot be read, or whose
+    modules differ from those the model was trained on, is not predicted and is
+    returned with its reason.
+
+    Returns:
+      ``(rows, failures)``: one row per input, ``{"input": key, <prediction columns>}``,
+      in a deterministic order; ``[(key, reason)]``.
+    """
+    from gllora import io
+    from gllora.io import importer
+
+    if os.path.exists(os.path.join(inputs, "schema.json")):
+        ds = dataset_lib.open(inputs)
+        keys, batches = [], []
+        for ids in np.array_split(
+            np.arange(ds.num_examples), max(1, -(-ds.num_examples // batch_size))
+        ):
+            batch = ds.batch(
+                ids, ranks=[max(a, b) for a, b in zip(ds.max_ranks(), predictor.ranks)]
+            )
+            keys.extend(str(i) for i in ids)
+            batches.append(batch)
+        return _rows(predictor, keys, batches), []
+    loaded, failures = [], []
+    for key in importer.find_adapters(inputs):
+        try:
+            lora = io.load_adapter(os.path.join(inputs, key))
+            if lora.spec.order != predictor.spec.order or lora.spec.groups != predictor.spec.groups:
+                raise ValueError(
+                    "modules differ from those the model was trained on: "
+                    + "; ".join(predictor.spec.diff(lora.spec)[:5])
+                )
+            loaded.append((key, lora))
+        except (ValueError, OSError) as e:
+            failures.append((key, str(e)))
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(loaded), batch_size):
+        chunk = loaded[start : start + batch_size]
+        ranks = [
+            max([predictor.ranks[g]] + [l.u[g].shape[-1] for _, l in chunk])
+            for g in range(len(predictor.ranks))
+        ]
+        batch = lora_lib.stack([l.pad_rank(ranks) for _, l in chunk])
+        rows.extend(_rows(predictor, [k for k, _ in chunk], [batch]))
+    return rows, failures
+
+
+def _rows(predictor: Predictor, keys: list[str], batches: list[Lora]) -> list[dict[str, Any]]:
+    decoded = [predictor(b) for b in batches]
+    columns = {c: np.concatenate([d[c] for d in decoded]) for c in decoded[0]} if decoded else {}
+    return [{"input": key, **{c: v[i] for c, v in columns.items()}} for i, key in enumerate(keys)]
+
+
+__all__ = ["Predictor", "predict_inputs"]
