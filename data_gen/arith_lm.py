@@ -1,0 +1,477 @@
+"""The base model of the arithmetic-sources family: a small transformer LM over digit statements.
+
+The analogue of Qwen2-1.5B for :mod:`data_gen.arith_sources` (Qwen2-ARC-LoRA):
+
+- a vocabulary of 39 tokens (:data:`TOKENS`): padding, ``<bos>``, the digits, 20
+  operation symbols, ``=`` and six *words* (``Q ? what is ans :``);
+- 20 operations on two digits with a digit as result (:data:`OPS`): arithmetic mod 10,
+  comparisons, and three random lookup tables standing in for "knowledge";
+- pretraining on *statements* ``<bos> (0-2 words) a OP b = r``: the filler words vary
+  the answer's position (5 to 7), because key/value-only LoRAs cannot later move an
+  answer to a position pretraining never used, and they give every word a pretrained
+  meaning (a token never seen in pretraining makes the base model emit junk);
+- *questions* in four templates (:data:`TEMPLATES`) that use the words instead of ``=``:
+  the base model cannot answer them, a LoRA learns to;
+- :class:`ArithLM`: a pre-norm transformer (RMSNorm, learned positions, grouped-query
+  attention with biases on q/k/v as in Qwen2, GELU MLP, tied embeddings), with
+  LoRA hooks on the key and value projection of every layer, named
+  ``lm.layers.{i}.attn.k_proj`` / ``v_proj`` (:func:`lora_modules`).
+
+LoRA convention (:mod:`gllora.lora`): ``lora = {name: (u [n, r], v [m, r])}`` with
+``n`` the output and ``m`` the input features; a projection computes
+``x @ kernel + bias + (dropout(x) @ v) @ u.T``, i.e. the adapted kernel is
+``kernel + (u v^T)^T``; the LoRA scale is folded into ``u``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Array = jax.Array
+Lora = Mapping[str, tuple[Array, Array]]
+
+# -- vocabulary -----------------------------------------------------------------------
+
+NUM_DIGITS = 10
+#: The operations, in token order; results are digits (comparisons give 0 or 1).
+OP_NAMES = (
+    "add", "sub", "mul", "max", "min", "absdiff", "mean", "first", "second", "less",
+    "equal", "greater", "addinc", "twice_a", "twice_b", "square_a", "rsub",
+    "table_x", "table_y", "table_z",
+)  # fmt: skip
+#: The words: question format tokens, and filler words in pretraining statements.
+WORDS = ("Q", "?", "what", "is", "ans", ":")
+PAD, BOS = 0, 1
+DIGIT0 = 2
+OP0 = DIGIT0 + NUM_DIGITS
+EQ = OP0 + len(OP_NAMES)
+WORD0 = EQ + 1
+VOCAB_SIZE = WORD0 + len(WORDS)
+TOKENS = (
+    ("<pad>", "<bos>")
+    + tuple(str(d) for d in range(NUM_DIGITS))
+    + tuple(f"<{op}>" for op in OP_NAMES)
+    + ("=",)
+    + WORDS
+)
+#: Seed of the lookup-table operations: part of the family's definition, not of a run.
+_TABLE_SEED = 20240611
+
+
+def _word(w: str) -> int:
+    return WORD0 + WORDS.index(w)
+
+
+#: Question templates: token sequences where ``"a"``, ``"op"``, ``"b"`` and ``"r"`` are
+#: the operands, the operation and the answer. Answers sit at positions 5-7, positions
+#: pretraining used.
+TEMPLATES = (
+    ("<bos>", "Q", "a", "op", "b", "?", "r"),
+    ("<bos>", "what", "is", "a", "op", "b", "r"),
+    ("<bos>", "a", "op", "b", "ans", "r"),
+    ("<bos>", "Q", "is", "a", "op", "b", ":", "r"),
+)
+
+
+@functools.lru_cache(maxsize=1)
+def op_table() -> np.ndarray:
+    """Results of every operation, ``[20, 10, 10]`` int (``table[op, a, b]``)."""
+    a, b = np.meshgrid(np.arange(10), np.arange(10), indexing="ij")
+    tables = np.random.default_rng(_TABLE_SEED).integers(0, 10, (3, 10, 10))
+    ops = [
+        (a + b) % 10, (a - b) % 10, (a * b) % 10, np.maximum(a, b), np.minimum(a, b),
+        np.abs(a - b), (a + b) // 2, a, b, (a < b), (a == b), (a > b), (a + b + 1) % 10,
+        (2 * a + b) % 10, (a + 2 * b) % 10, (a * a + b) % 10, (b - a) % 10, *tables,
+    ]  # fmt: skip
+    table = np.stack([np.broadcast_to(o, (10, 10)) for o in ops]).astype(np.int32)
+    assert table.shape == (len(OP_NAMES), 10, 10)
+    return table
+
+
+def render_question(template: int, op: int, a: int, b: int, seq_len: int) -> tuple[list, int]:
+    """Tokens of one question with its answer, and the answer's position.
+
+    Returns:
+      ``(tokens [seq_len] with the answer in place and PAD after it, answer position)``.
+    """
+    r = int(op_table()[op, a, b])
+    names = {"<bos>": BOS, "a": DIGIT0 + a, "b": DIGIT0 + b, "op": OP0 + op, "r": DIGIT0 + r}
+    toks = [names[t] if t in names else _word(t) for t in TEMPLATES[template]]
+    if len(toks) > seq_len:
+        raise ValueError(f"template {template} needs {len(toks)} tokens, seq_len is {seq_len}")
+    return toks + [PAD] * (seq_len - len(toks)), len(toks) - 1
+
+
+#: The question sources, ``(operation, template)``: source ``s`` asks operation ``s`` in
+#: template ``s % 4``. Source 0 (the paper's "Mercury") is always kept.
+SOURCES = tuple((s, s % len(TEMPLATES)) for s in range(len(OP_NAMES)))
+NUM_DROPPABLE = len(SOURCES) - 1
+#: The challenge question types, never trained on: each operation in another template.
+CHALLENGE_TYPES = tuple((s, (s + 2) % len(TEMPLATES)) for s in range(len(OP_NAMES)))
+
+
+def source_name(s: int) -> str:
+    """A readable name of source ``s``, e.g. ``"add/T0"``."""
+    op, template = SOURCES[s]
+    return f"{OP_NAMES[op]}/T{template}"
+
+
+def make_questions(
+    seed: int,
+    seq_len: int,
+    train_per_source: int = 32,
+    val_per_source: int = 16,
+    challenge_per_type: int = 20,
+    num_choices: int = 4,
+) -> dict[str, np.ndarray]:
+    """The fixed question sets of a dataset, deterministic from ``seed``.
+
+    Each source's operand pairs are split without overlap into training and validation
+    questions. Challenge questions are
+    multiple choice: the answer and ``num_choices - 1`` distinct wrong digits.
+
+    Returns:
+      ``train_tokens [P, T]``, ``train_answer_pos [P]``, ``train_source [P]`` (the pool
+      every LoRA draws its kept sources from, grouped by source), ``val_tokens [V, T]``,
+      ``val_answer_pos [V]``, ``val_source [V]``, ``challenge_tokens [C, T]`` (answer
+      removed), ``challenge_answer_pos [C]``, ``challenge_choices [C, num_choices]`` (digit
+      tokens) and ``challenge_label [C]`` (the index of the right choice); int32.
+    """
+    if train_per_source + val_per_source > NUM_DIGITS**2:
+        raise ValueError(
+            f"{train_per_source} training + {val_per_source} validation questions per "
+            f"source need more than the {NUM_DIGITS**2} operand pairs"
+        )
+    rng = np.random.default_rng([seed, 7])
+    out: dict[str, list] = {}
+
+    def add(split, template, op, a, b, source):
+        toks, pos = render_question(template, op, a, b, seq_len)
+        for key, value in (("tokens", toks), ("answer_pos", pos), ("source", source)):
+            out.setdefault(f"{split}_{key}", []).append(value)
+
+    for s, (op, template) in enumerate(SOURCES):
+        pairs = rng.permutation(NUM_DIGITS**2)
+        n_train = train_per_source
+        for split, chosen in (
+            ("train", pairs[:n_train]),
+            ("val", pairs[n_train : n_train + val_per_source]),
+        ):
+            for p in chosen:
+                add(split, template, op, p // NUM_DIGITS, p % NUM_DIGITS, s)
+    for t, (op, template) in enumerate(CHALLENGE_TYPES):
+        for p in rng.choice(NUM_DIGITS**2, challenge_per_type, replace=False):
+            add("challenge", template, op, p // NUM_DIGITS, p % NUM_DIGITS, t)
+            toks = out["challenge_tokens"][-1]
+            pos = out["challenge_answer_pos"][-1]
+            answer = toks[pos]
+            toks[pos] = PAD
+            others = [DIGIT0 + d for d in range(NUM_DIGITS) if DIGIT0 + d != answer]
+            choices = [answer, *rng.choice(others, num_choices - 1, replace=False)]
+            order = rng.permutation(num_choices)
+            out.setdefault("challenge_choices", []).append([choices[i] for i in order])
+            out.setdefault("challenge_label", []).append(int(np.argmin(order)))
+    out.pop("challenge_source")
+    return {k: np.asarray(v, np.int32) for k, v in out.items()}
+
+
+# -- the model ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseConfig:
+    """Everything that determines the pretrained base LM (it keys the cache).
+
+    Attributes:
+      seq_len: tokens per sequence ``T`` (statements and questions are at most 8).
+      width: residual width ``d``; the query has ``num_heads`` heads of ``d / num_heads``.
+      num_layers, num_heads, num_kv_heads, mlp: transformer shape (grouped-query
+        attention: the key/value projections are ``[d, num_kv_heads * d / num_heads]``).
+      pretrain_steps, pretrain_batch, pretrain_lr, pretrain_warmup: AdamW with
+        warmup and cosine decay, on freshly sampled statements every step.
+    """
+
+    seq_len: int = 8
+    width: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    mlp: int = 128
+    pretrain_steps: int = 1000
+    pretrain_batch: int = 256
+    pretrain_lr: float = 3e-3
+    pretrain_warmup: int = 100
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+#: Presets: ``default`` (the real base LM) and ``tiny`` (a few hundred steps, for tests).
+BASE_CONFIGS = {
+    "default": BaseConfig(),
+    "tiny": BaseConfig(width=32, mlp=64, pretrain_steps=300, pretrain_batch=128),
+}
+
+
+def base_config(name: str) -> BaseConfig:
+    """The base-model preset called ``name`` (see :data:`BASE_CONFIGS`)."""
+    if name not in BASE_CONFIGS:
+        raise ValueError(f"unknown base config {name!r}; known: {sorted(BASE_CONFIGS)}")
+    return BASE_CONFIGS[name]
+
+
+def lora_modules(config: BaseConfig) -> list[tuple[str, int, int]]:
+    """The LoRA modules, ``[(name, n, m)]`` (``n`` output, ``m`` input features)."""
+    return [
+        (f"lm.layers.{i}.attn.{proj}", config.kv_width, config.width)
+        for i in range(config.num_layers)
+        for proj in ("k_proj", "v_proj")
+    ]
+
+
+def _hash32(x: Array) -> Array:
+    """The lowbias32 integer hash (uint32 -> uint32), elementwise."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def mix_seed(seed: Array, salt: int | Array) -> Array:
+    """A new uint32 seed from ``seed`` and ``salt`` (a step, a layer, a module)."""
+    salt = jnp.asarray(salt).astype(jnp.uint32)
+    return _hash32(jnp.asarray(seed).astype(jnp.uint32) ^ (salt * jnp.uint32(0x9E3779B9) + 1))
+
+
+def _dropout(x: Array, seed: Array, rate: Array) -> Array:
+    """Inverted dropout with a traced rate (per-LoRA inside ``vmap``).
+
+    The mask comes from a counter-based integer hash of ``(seed, element index)``, not
+    from ``jax.random``: threefry bits for every LoRA input cost about half of a
+    finetuning step on CPU; the hash fuses into the surrounding elementwise code.
+    """
+    index = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)
+    bits = _hash32(index * jnp.uint32(0x9E3779B9) + mix_seed(seed, 0x5EED))
+    threshold = (rate * 4294967296.0).astype(jnp.uint32)
+    return jnp.where(bits >= threshold, x / (1.0 - rate), 0.0)
+
+
+def _select(x: Array, pos: Array) -> Array:
+    """``x[s, pos[s]]`` as ``[S, 1, d]``, by a one-hot sum rather than a gather: its
+    gradient is a select, not a scatter-add, and at ``T <= 8`` the sum costs nothing."""
+    onehot = jnp.arange(x.shape[1])[None, :] == pos[:, None]
+    return jnp.sum(jnp.where(onehot[:, :, None], x, 0.0), axis=1, keepdims=True)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with LoRA hooks on the key and value projections.
+
+    ``__call__(x [S, T, d], lora, dropout, read_pos)``: with ``read_pos [S]`` only the
+    query at that position of each sequence is computed (``-> [S, 1, d]``).
+    """
+
+    config: BaseConfig
+    prefix: str
+
+    @nn.compact
+    def __call__(self, x, lora, dropout, read_pos):
+        c = self.config
+        S, T, _ = x.shape
+        xq = x if read_pos is None else _select(x, read_pos)
+        q = nn.Dense(c.width, name="q_proj")(xq)
+
+        def project(proj, index):
+            y = nn.Dense(c.kv_width, name=proj)(x)
+            name = f"{self.prefix}.{proj}"
+            if lora is not None and name in lora:
+                u, v = lora[name]
+                xd = x
+                if dropout is not None:
+                    seed, rate = dropout
+                    xd = _dropout(x, mix_seed(seed, index), rate)
+                y = y + (xd @ v) @ u.T
+            return y
+
+        k = project("k_proj", 0)
+        v = project("v_proj", 1)
+        Tq, hd, g = xq.shape[1], c.head_dim, c.num_heads // c.num_kv_heads
+        q = q.reshape(S, Tq, c.num_kv_heads, g, hd)
+        k = k.reshape(S, T, c.num_kv_heads, hd)
+        v = v.reshape(S, T, c.num_kv_heads, hd)
+        # Dots, not broadcast-and-sum: XLA:CPU materialises the broadcast product.
+        scores = jnp.einsum("sqhgd,skhd->shgqk", q, k) / np.sqrt(hd).astype(np.float32)
+        if read_pos is None:
+            mask = jnp.tril(jnp.ones((T, T), bool))[None, None, None]
+        else:
+            mask = (jnp.arange(T)[None, :] <= read_pos[:, None])[:, None, None, None, :]
+        probs = jax.nn.softmax(jnp.where(mask, scores, -1e9), axis=-1)
+        out = jnp.einsum("shgqk,skhd->sqhgd", probs, v)
+        return nn.Dense(c.width, use_bias=False, name="o_proj")(out.reshape(S, Tq, c.width))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``+ mlp(norm(x))``."""
+
+    config: BaseConfig
+    prefix: str
+
+    @nn.compact
+    def __call__(self, x, lora, dropout, read_pos):
+        h = Attention(self.config, f"{self.prefix}.attn", name="attn")(
+            nn.RMSNorm(name="norm1")(x), lora, dropout, read_pos
+        )
+        if read_pos is not None:
+            x = _select(x, read_pos)
+        x = x + h
+        h = nn.Dense(self.config.mlp, use_bias=False, name="up")(nn.RMSNorm(name="norm2")(x))
+        return x + nn.Dense(self.config.width, use_bias=False, name="down")(nn.gelu(h))
+
+
+class ArithLM(nn.Module):
+    """The base language model, on a batch of sequences of ONE model (vmap LoRAs outside).
+
+    ``__call__(tokens [S, T], lora=None, dropout=None, read_pos=None)`` returns next-token
+    logits ``[S, T, V]``, or ``[S, V]`` at ``read_pos [S]`` only (the last layer then runs
+    at that position alone, which is all a loss on the answer token needs). ``lora`` is
+    ``{name: (u [n, r], v [m, r])}`` for any of :func:`lora_modules`; ``dropout`` is
+    ``(seed, rate)`` (a uint32 seed): LoRA dropout on the input of each adapted
+    projection, an independent mask per projection (PEFT's).
+    """
+
+    config: BaseConfig
+
+    @nn.compact
+    def __call__(self, tokens, lora=None, dropout=None, read_pos=None):
+        c = self.config
+        embed = nn.Embed(VOCAB_SIZE, c.width, name="embed")
+        pos = self.param("pos", nn.initializers.normal(0.02), (c.seq_len, c.width))
+        x = embed(tokens) + pos[None, : tokens.shape[1]]
+        for i in range(c.num_layers):
+            last = i == c.num_layers - 1
+            drop = None
+            if dropout is not None:
+                drop = (mix_seed(dropout[0], i), dropout[1])
+            x = Block(c, f"lm.layers.{i}", name=f"layers_{i}")(
+                x, lora, drop, read_pos if last else None
+            )
+        x = nn.RMSNorm(name="norm")(x)
+        logits = embed.attend(x)
+        return logits if read_pos is None else logits[:, 0]
+
+
+# -- pretraining ----------------------------------------------------------------------
+
+
+def sample_statements(key: Array, batch: int, seq_len: int) -> tuple[Array, Array]:
+    """Random statements ``<bos> (0-2 words) a OP b = r`` (jittable).
+
+    Returns:
+      ``(tokens [batch, seq_len] int32, answer position [batch] int32)``.
+    """
+    k_op, k_a, k_b, k_n, k_w = jax.random.split(key, 5)
+    op = jax.random.randint(k_op, (batch,), 0, len(OP_NAMES))
+    a = jax.random.randint(k_a, (batch,), 0, NUM_DIGITS)
+    b = jax.random.randint(k_b, (batch,), 0, NUM_DIGITS)
+    num_words = jax.random.randint(k_n, (batch,), 0, 3)
+    words = WORD0 + jax.random.randint(k_w, (batch, 2), 0, len(WORDS))
+    r = jnp.asarray(op_table())[op, a, b]
+    full = jnp.stack(
+        [jnp.full_like(a, BOS), words[:, 0], words[:, 1], DIGIT0 + a, OP0 + op, DIGIT0 + b]
+        + [jnp.full_like(a, EQ), DIGIT0 + r],
+        axis=1,
+    )  # [batch, 8]: both filler slots filled; drop the unused ones below
+    j = jnp.arange(seq_len)[None, :]
+    n = num_words[:, None]
+    src = jnp.where(j <= n, j, j + 2 - n)
+    toks = jnp.take_along_axis(full, jnp.minimum(src, 7), axis=1)
+    toks = jnp.where(src <= 7, toks, PAD).astype(jnp.int32)
+    return toks, (5 + num_words).astype(jnp.int32)
+
+
+def init_params(config: BaseConfig, seed: int):
+    """Randomly initialised base parameters."""
+    tokens = jnp.zeros((1, config.seq_len), jnp.int32)
+    return ArithLM(config).init(jax.random.key(seed), tokens)["params"]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_steps"), donate_argnums=(1, 2))
+def _pretrain_steps(config: BaseConfig, params, opt_state, key, start, num_steps):
+    """``num_steps`` AdamW steps of the answer's loss on fresh statements (one ``scan``)."""
+    model = ArithLM(config)
+    tx = _pretrain_optimizer(config)
+
+    def loss_fn(p, toks, ans):
+        logits = model.apply({"params": p}, toks, read_pos=ans - 1)
+        targets = toks[jnp.arange(toks.shape[0]), ans]
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+
+    def step(carry, i):
+        p, s = carry
+        toks, ans = sample_statements(
+            jax.random.fold_in(key, i), config.pretrain_batch, config.seq_len
+        )
+        loss, grads = jax.value_and_grad(loss_fn)(p, toks, ans)
+        updates, s = tx.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), loss
+
+    (params, opt_state), losses = jax.lax.scan(
+        step, (params, opt_state), start + jnp.arange(num_steps)
+    )
+    return params, opt_state, losses
+
+
+def _pretrain_optimizer(config: BaseConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0,
+        config.pretrain_lr,
+        config.pretrain_warmup,
+        config.pretrain_steps,
+        end_value=0.02 * config.pretrain_lr,
+    )
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def statement_accuracy(config: BaseConfig, params, key: Array) -> Array:
+    """Fraction of 4,096 fresh statements whose answer the model gets right (argmax)."""
+    toks, ans = sample_statements(key, 4096, config.seq_len)
+    logits = ArithLM(config).apply({"params": params}, toks, read_pos=ans - 1)
+    return jnp.mean(jnp.argmax(logits, -1) == toks[jnp.arange(toks.shape[0]), ans])
+
+
+def pretrain(config: BaseConfig, seed: int, log_every: int = 500):
+    """Pretrains the base LM, deterministically from ``seed``.
+
+    The loss is the cross-entropy of each statement's answer (the rest of a statement
+    is random), so the last layer runs at the answer's position only.
+
+    Returns:
+      ``(params, metrics)`` with metrics ``{"loss", "statement_accuracy"}``.
+    """
+    if config.seq_len < 8:
+        raise ValueError(f"seq_len must be at least 8 (statements), got {config.seq_len}")
+    params = init_params(config, seed)
+    opt_state = _pretrain_optimizer(config).init(params)
+    key = jax.random.fold_in(jax.random.key(seed), 1)
+    losses = []
+    for start in range(0, config.pretrain_steps, log_every):
+        num = min(log_every, config.pretrain_steps - start)
+        params, opt_state, loss = _pretrain_steps(config, params, opt_state, key, start, num)
+        losses.append(np.asarray(loss))
+    acc = statement_accuracy(config, params, jax.random.fold_in(jax.random.key(seed), 2))
+    metrics = {"loss": float(np.mean(losses[-1][-50:])), "statement_accuracy": float(acc)}
+    return params, metrics
