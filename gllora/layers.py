@@ -96,8 +96,9 @@ class EquivariantLinear(nn.Module):
         for i, (g, u, v) in enumerate(zip(lora.spec.groups, lora.u, lora.v)):
             n_out, m_out = self.out_shapes[i] if self.out_shapes else (self.features,) * 2
             k = len(g.names)
-            phi = self.param(f"phi_{g.key}", _normal_fan_in(g.n), (k, n_out, g.n))
-            psi = self.param(f"psi_{g.key}", _normal_fan_in(g.m), (k, m_out, g.m))
+            # Stored [k, n_in, n_out] (Phi transposed): see ops.equivariant_linear.
+            phi = self.param(f"phi_{g.key}", _normal_fan_in(g.n), (k, g.n, n_out))
+            psi = self.param(f"psi_{g.key}", _normal_fan_in(g.m), (k, g.m, m_out))
             us.append(ops.equivariant_linear(phi, u))
             vs.append(ops.equivariant_linear(psi, v))
             groups.append(GroupSpec(g.names, n_out, m_out))
@@ -158,7 +159,7 @@ class GroupedDense(nn.Module):
                     "(a different rank, or another input size)"
                 )
             kernel = self.param(name, _normal_fan_in(fan_in), shape)
-            out = out + jnp.einsum("kf,kfh->h", x, kernel)
+            out = out + ops.grouped_dense(x, kernel)
         return out
 
 

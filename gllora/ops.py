@@ -11,17 +11,64 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax import custom_batching
 
 Array = jax.Array
 
 
-def equivariant_linear(phi: Array, u: Array) -> Array:
-    """``Phi_i @ u_i`` per module (eq. 4): ``phi [k, d, n]``, ``u [k, n, r]`` -> ``[k, d, r]``.
+@custom_batching.custom_vmap
+def equivariant_linear(kernel: Array, u: Array) -> Array:
+    """``Phi_i @ u_i`` per module (eq. 4) with ``Phi_i = kernel_i^T``.
 
-    Left multiplication commutes with the right action ``u -> u g``, and these maps are
-    all the GL-equivariant linear maps (Proposition 1).
+    Args:
+      kernel: ``[k, n, d]``, input rows first as in a Flax ``Dense`` kernel.
+      u: ``[k, n, r]``.
+
+    Returns:
+      ``[k, d, r]``. Left multiplication commutes with the right action ``u -> u g``, and
+      these maps are all the GL-equivariant linear maps (Proposition 1).
+
+    Under ``vmap`` over the LoRAs (not the kernel), the batch is folded into the rank
+    axis: one ``[n, d]^T @ [n, B * r]`` product per module. Left to itself, XLA keeps
+    ``B`` and ``r`` apart and, for the kernel's gradient, transposes the whole input
+    batch with a minor axis of size ``r``: about 6x slower per training step on CPU
+    (``benchmarks/bench_models.py``).
     """
-    return jnp.einsum("kdn,knr->kdr", phi, u)
+    return jnp.einsum("knd,knr->kdr", kernel, u)
+
+
+@equivariant_linear.def_vmap
+def _equivariant_linear_vmap(axis_size, in_batched, kernel, u):
+    kernel_batched, u_batched = in_batched
+    if kernel_batched or not u_batched:  # e.g. several models at once: the generic rule
+        fn = lambda a, b: jnp.einsum("knd,knr->kdr", a, b)
+        axes = (0 if kernel_batched else None, 0 if u_batched else None)
+        return jax.vmap(fn, in_axes=axes, axis_size=axis_size)(kernel, u), True
+    folded = jnp.moveaxis(u, 0, 2)  # [k, n, B, r]: a no-op for rank-major batches
+    k, n, b, r = folded.shape
+    out = jnp.einsum("knd,knc->kdc", kernel, folded.reshape(k, n, b * r))
+    return jnp.moveaxis(out.reshape(k, -1, b, r), 2, 0), True
+
+
+@custom_batching.custom_vmap
+def grouped_dense(x: Array, kernel: Array) -> Array:
+    """``sum_k x_k @ kernel_k``: ``x [k, F]``, ``kernel [k, F, h]`` -> ``[h]``.
+
+    Under ``vmap`` over ``x`` this is one ``[B, k F] @ [k F, h]`` product (the kernel's
+    reshape is free), instead of a batched contraction that copies the kernel.
+    """
+    return jnp.einsum("kf,kfh->h", x, kernel)
+
+
+@grouped_dense.def_vmap
+def _grouped_dense_vmap(axis_size, in_batched, x, kernel):
+    x_batched, kernel_batched = in_batched
+    if kernel_batched or not x_batched:
+        fn = lambda a, b: jnp.einsum("kf,kfh->h", a, b)
+        axes = (0 if x_batched else None, 0 if kernel_batched else None)
+        return jax.vmap(fn, in_axes=axes, axis_size=axis_size)(x, kernel), True
+    b = x.shape[0]
+    return x.reshape(b, -1) @ kernel.reshape(-1, kernel.shape[-1]), True
 
 
 def row_sums(u: Array, v: Array) -> tuple[Array, Array]:

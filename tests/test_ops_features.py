@@ -47,11 +47,11 @@ def test_pointwise_relu_is_not_equivariant_negative_control():
 def test_equivariant_linear_is_equivariant_and_right_multiplication_is_not():
     lora = testing.random_lora(KEY, SHAPES, rank=3)
     phis = [
-        jax.random.normal(jax.random.key(i), (u.shape[0], 5, u.shape[1]))
+        jax.random.normal(jax.random.key(i), (u.shape[0], u.shape[1], 5))
         for i, u in enumerate(lora.u)
     ]
     psis = [
-        jax.random.normal(jax.random.key(9 + i), (v.shape[0], 5, v.shape[1]))
+        jax.random.normal(jax.random.key(9 + i), (v.shape[0], v.shape[1], 5))
         for i, v in enumerate(lora.v)
     ]
 
@@ -119,3 +119,44 @@ def test_trunk_layers_work_on_mixed_ranks():
     np.testing.assert_array_equal(out.factors("a")[0][:, 2:], 0.0)
     with pytest.raises(ValueError, match="unknown GL nonlinearity"):
         layers.gl_nonlinearity(lora, "gelu")
+
+
+@pytest.mark.parametrize("layout_axis", [0, 2])
+def test_batched_products_match_plain_einsums_in_value_and_gradient(layout_axis):
+    """The custom vmap rules of equivariant_linear and grouped_dense change speed, not results."""
+    keys = jax.random.split(KEY, 4)
+    kernel = jax.random.normal(keys[0], (3, 10, 5))
+    u = jax.random.normal(keys[1], (6, 3, 10, 4) if layout_axis == 0 else (3, 10, 6, 4))
+    dense_kernel = jax.random.normal(keys[2], (3, 20, 7))
+    x = jax.random.normal(keys[3], (6, 3, 20))
+
+    def lin_loss(fn, kernel, u):
+        out = jax.vmap(lambda ui: fn(kernel, ui), in_axes=layout_axis)(u)
+        return jnp.sum(jnp.sin(out))
+
+    plain_lin = lambda a, b: jnp.einsum("knd,knr->kdr", a, b)
+    for argnums in (0, 1):
+        got = jax.grad(lin_loss, argnums=(1, 2)[argnums])(ops.equivariant_linear, kernel, u)
+        want = jax.grad(lin_loss, argnums=(1, 2)[argnums])(plain_lin, kernel, u)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        lin_loss(ops.equivariant_linear, kernel, u), lin_loss(plain_lin, kernel, u), rtol=1e-5
+    )
+
+    def dense_loss(fn, x, kernel):
+        return jnp.sum(jnp.sin(jax.vmap(lambda xi: fn(xi, kernel))(x)))
+
+    plain_dense = lambda a, b: jnp.einsum("kf,kfh->h", a, b)
+    for arg in (1, 2):
+        np.testing.assert_allclose(
+            jax.grad(dense_loss, argnums=arg)(ops.grouped_dense, x, dense_kernel),
+            jax.grad(dense_loss, argnums=arg)(plain_dense, x, dense_kernel),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+    # Several kernels at once (the engine's vmap over seeds) take the generic rule.
+    kernels = jnp.stack([kernel, 2 * kernel])
+    both = jax.vmap(
+        lambda k_: jax.vmap(lambda ui: ops.equivariant_linear(k_, ui), in_axes=layout_axis)(u)
+    )(kernels)
+    np.testing.assert_allclose(both[1], 2 * both[0], rtol=1e-5, atol=1e-5)
