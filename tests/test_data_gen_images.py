@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_gen import common, digit_subsets, personas
+from data_gen import common, diffusion_pretrain, digit_subsets, personas
 from data_gen import diffusion as D
 from gllora.io import dataset
 
@@ -78,7 +78,7 @@ def test_styles_and_tokens():
         assert np.abs(bank[s] - bank[0]).mean() > 0.01, D.style_bits(s)
     np.testing.assert_array_equal(D.style_index(D.style_bits(np.arange(32))), np.arange(32))
     # Every token has a pretrained meaning.
-    probs, allowed, _ = D._token_tables(D.base_config("tiny"))
+    probs, allowed, _ = diffusion_pretrain._token_tables(D.base_config("tiny"))
     assert np.all(probs > 0) and np.all(allowed.any(1))
     assert len(D.TOKEN_NAMES) == D.NUM_TOKENS
     assert [(n, *s) for n, *s in D.lora_modules(D.base_config("default"))] == MODULES

@@ -292,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             {
                 "targets": [t.to_json() for t in targets],
                 "ranks": ranks,
-                "spec": dataset_lib._spec_to_json(ds.spec),
+                "spec": dataset_lib.spec_to_json(ds.spec),
                 "extras_sizes": sizes,
                 "dataset": os.path.abspath(ds.path),
                 "seeds": seeds,

@@ -57,7 +57,7 @@ class Predictor:
                 f"{workdir}: not a gllora run directory ({e.filename} is missing)"
             ) from None
         targets = [tasks.Target.from_json(t) for t in meta["targets"]]
-        spec = dataset_lib._spec_from_json(meta["spec"], os.path.join(workdir, "targets.json"))
+        spec = dataset_lib.spec_from_json(meta["spec"], os.path.join(workdir, "targets.json"))
         ranks = meta["ranks"]
         model = loop.build_model(config, sum(t.num_outputs for t in targets))
         steps = 1  # the optimizer's structure does not depend on the schedule length
