@@ -6,43 +6,46 @@
 LyCORIS ``.safetensors`` files), or is a dataset folder (every example is predicted).
 One CSV row per input; every input that could not be predicted is listed with its
 reason, and the exit status is 1 if there was any (unless ``--allow_failures``).
+
+Batches are split over this process's devices. On several hosts (same flags as
+``experiments.train``: ``--distributed``, ...) each process reads and predicts its own
+contiguous share of the sorted inputs and process 0 merges the shares into ``--out``
+(which must be on a filesystem every host sees), in the order one process would write.
 """
 
-import csv
 import sys
 
 from absl import app, flags, logging
 
-from gllora.train.predictor import Predictor, predict_inputs
+from gllora import parallel
+from gllora.train.predictor import Predictor, predict_inputs, write_predictions
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
 _INPUTS = flags.DEFINE_string("inputs", None, "Folder of adapter files, or a dataset folder.")
 _OUT = flags.DEFINE_string("out", "predictions.csv", "CSV file to write.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "LoRAs per jitted call.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "LoRAs per jitted call (over all local devices).")
 _ALLOW = flags.DEFINE_bool(
     "allow_failures", False, "Exit 0 even if some inputs could not be predicted."
 )
 flags.mark_flags_as_required(["workdir", "inputs"])
+parallel.define_flags()
 
 
 def main(argv):
     del argv
+    parallel.initialize_from_flags()  # before anything touches a device
     logging.set_verbosity(logging.WARNING)
     predictor = Predictor.from_workdir(_WORKDIR.value)
     rows, failures = predict_inputs(predictor, _INPUTS.value, _BATCH.value)
-    with open(_OUT.value, "w", newline="") as f:
-        writer = csv.writer(f)
-        columns = list(rows[0]) if rows else ["input"]
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([row[c] for c in columns])
-    print(f"wrote {len(rows)} predictions to {_OUT.value}")
-    if failures:
-        print(f"{len(failures)} input(s) could not be predicted:", file=sys.stderr)
-        for key, reason in failures:
-            print(f"  {key}: {reason}", file=sys.stderr)
-        if not _ALLOW.value:
-            sys.exit(1)
+    count, failures = write_predictions(rows, failures, _OUT.value)
+    if parallel.is_main_process():
+        print(f"wrote {count} predictions to {_OUT.value}")
+        if failures:
+            print(f"{len(failures)} input(s) could not be predicted:", file=sys.stderr)
+            for key, reason in failures:
+                print(f"  {key}: {reason}", file=sys.stderr)
+    if failures and not _ALLOW.value:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,38 @@
 """Trains a model: ``python -m experiments.train --config=CONFIG[:preset] --workdir=W``.
 
 See ``experiments/configs/default.py`` for the fields; ``--config.x=y`` overrides one.
-Started again with the same command, a run resumes from its last checkpoint.
+Started again with the same command, a run resumes from its last checkpoint (on any
+number of devices).
+
+The run uses every device it sees (``--config.num_devices=N``: the first N), with
+``config.batch_size`` as the global batch. On several hosts, start the same command on
+each; ``jax.distributed`` starts by itself under SLURM and on multi-host TPU slices,
+elsewhere with ``--distributed=on --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I`` (see ``gllora/parallel.py``).
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import report
-from gllora import train
+from gllora import parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file[:preset].", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, results).")
 flags.mark_flags_as_required(["config", "workdir"])
+parallel.define_flags()
 
 
 def main(argv):
     del argv
+    parallel.initialize_from_flags()  # before anything touches a device
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    print(report.summary_table(results))
-    print(f"results: {_WORKDIR.value}/results.json")
+    if parallel.is_main_process():
+        print(report.summary_table(results))
+        print(f"results: {_WORKDIR.value}/results.json")
 
 
 if __name__ == "__main__":

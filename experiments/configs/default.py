@@ -12,6 +12,12 @@ an error.
 
 Presets: ``default`` (the paper's protocol: AdamW, batch 32, constant learning rate
 1e-3, best epoch on validation), ``tiny`` (seconds on a CPU: for tests and demos).
+
+The same config runs on one CPU, a GPU node or a TPU slice: ``batch_size`` is the global
+batch, split over every device (``--config.num_devices=N`` takes the first N);
+``--config.shard_params=fan_in`` (or ``fan_out``) also splits the first dense layer of
+``mlp`` / ``mlp_dense`` (and GL-net's head) over them. Several hosts: the same command
+on each (see ``gllora/parallel.py`` for ``--distributed``).
 """
 
 from __future__ import annotations
@@ -65,6 +71,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.checkpoint_every_epochs = 1
     config.progress = True
+
+    # Devices (gllora.parallel): config.batch_size is the global batch, split over the
+    # devices of a 1-D mesh; both fields may change when a run is resumed.
+    config.num_devices = 0  # devices in the mesh; 0: all (of every process)
+    config.shard_params = "none"  # "fan_in" / "fan_out": split GroupedDense kernels too
 
     preset = arg or "default"
     if preset == "tiny":

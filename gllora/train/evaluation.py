@@ -1,4 +1,9 @@
-"""Evaluating a trained run on a dataset split, from its checkpoint alone."""
+"""Evaluating a trained run on a dataset split, from its checkpoint alone.
+
+Batches are split over a mesh (default: every device of every process, as in training);
+under ``jax.distributed`` every process calls :func:`evaluate_workdir` and gets the same
+result.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,25 @@ import os
 from typing import Any
 
 import numpy as np
+from jax.sharding import Mesh
 
+from gllora import parallel
 from gllora.io import dataset as dataset_lib
 from gllora.train import loop, pipeline, tasks
 from gllora.train.predictor import Predictor
 
 
 def evaluate_workdir(
-    workdir: str, split: str = "test", dataset_path: str | None = None
+    workdir: str, split: str = "test", dataset_path: str | None = None, mesh: Mesh | None = None
 ) -> dict[str, Any]:
     """Per-seed metrics of the run's best models on ``split`` of its dataset.
+
+    ``mesh``: the devices (default :func:`gllora.parallel.make_mesh`: all of them).
 
     Returns:
       ``{"split", "per_seed": [{target: metrics}], "summary": {target: {metric: {mean, std}}}}``.
     """
-    predictor = Predictor.from_workdir(workdir)
+    predictor = Predictor.from_workdir(workdir, parallel.make_mesh() if mesh is None else mesh)
     with open(os.path.join(workdir, "targets.json")) as f:
         meta = json.load(f)
     ds = dataset_lib.open(dataset_path or meta["dataset"])
@@ -34,7 +43,7 @@ def evaluate_workdir(
         raise ValueError(f"{ds.path}: no split {split!r}; splits: {sorted(ds.splits)}")
     ids = np.sort(ds.splits[split])
     labels = tasks.encode(ds, predictor.targets)
-    source = pipeline.Source(ds, predictor.ranks, None)
+    source = pipeline.Source(ds, predictor.ranks, None, predictor.mesh)
     per_seed = loop.evaluate_split(
         predictor._programs,
         predictor.params,

@@ -10,10 +10,20 @@ The workdir holds ``config.json``, ``targets.json``, ``metrics.jsonl`` (one JSON
 per line), ``results.json`` and orbax checkpoints under ``checkpoints/``. Started again
 with the same config, a run resumes from its last checkpoint and ends with the same
 results as an uninterrupted run.
+
+Devices (:mod:`gllora.parallel`): the run lives on a 1-D mesh of ``config.num_devices``
+devices (all of every process by default). ``config.batch_size`` is the global batch,
+split along its example axis over the devices; the state is replicated, except the
+``GroupedDense`` kernels when ``config.shard_params`` splits them. Under
+``jax.distributed`` every process runs this same function: each reads only its
+devices' rows of a streamed batch, process 0 writes the files, all take part in the
+checkpoints. The results equal a one-device run's to float32 tolerance, and a run
+resumes on another number of devices (checkpoints are restored onto the current mesh).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -27,16 +37,18 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from gllora import group, models
+from gllora import group, models, parallel
 from gllora.io import dataset as dataset_lib
 from gllora.lora import Lora, in_axes
 from gllora.train import pipeline, tasks
 
 Array = jax.Array
-# Fields that may differ when a run is resumed (they do not change the results).
-_RESUMABLE = ("progress", "log_every_steps")
+# Fields that may differ when a run is resumed (they do not change the results, beyond
+# float32 rounding for the device layout).
+_RESUMABLE = ("progress", "log_every_steps", "num_devices", "shard_params")
 
 
 # -- configuration -----------------------------------------------------------------
@@ -63,6 +75,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.dataset: no dataset folder given (--config.dataset=PATH)")
     if isinstance(config.targets, str):
         raise ValueError("config.targets must be a tuple of target names, e.g. ('quality',)")
+    # .get: configs written before these fields existed run on every device, unsplit.
+    if config.get("shard_params", "none") not in parallel.SHARD_PARAMS:
+        raise ValueError(
+            f"config.shard_params must be one of {parallel.SHARD_PARAMS}, "
+            f"got {config.shard_params!r}"
+        )
+    if int(config.get("num_devices", 0)) < 0:
+        raise ValueError(f"config.num_devices must be >= 0 (0: all), got {config.num_devices}")
 
 
 def build_model(config: ml_collections.ConfigDict, num_outputs: int):
@@ -107,10 +127,10 @@ def scale_input(lora: Lora, scales: tuple[Array, ...]) -> Lora:
 
 def input_scales(
     ds: dataset_lib.Dataset, ids: np.ndarray, ranks, enabled: bool
-) -> tuple[Array, ...]:
-    """Per group ``[1/rms(u), 1/rms(v)]`` over up to 256 training LoRAs (or ones)."""
+) -> tuple[np.ndarray, ...]:
+    """Per group ``[1/rms(u), 1/rms(v)]`` over up to 256 training LoRAs (or ones); numpy."""
     if not enabled:
-        return tuple(jnp.ones(2, jnp.float32) for _ in ds.spec.groups)
+        return tuple(np.ones(2, np.float32) for _ in ds.spec.groups)
     sample = ds.batch(np.sort(ids[:256]), ranks=ranks)
     out = []
     for u, v, rank in zip(sample.u, sample.v, sample.rank):
@@ -119,19 +139,43 @@ def input_scales(
             float((x.astype(np.float64) ** 2).sum()) / max(live * rows, 1.0)
         )
         cu, cv = rms(u, u.shape[-2]), rms(v, v.shape[-2])
-        out.append(jnp.asarray([1.0 / max(cu, 1e-30), 1.0 / max(cv, 1e-30)], jnp.float32))
+        out.append(np.asarray([1.0 / max(cu, 1e-30), 1.0 / max(cv, 1e-30)], np.float32))
     return tuple(out)
 
 
 class Programs:
-    """The jitted programs of a run: init, train step, prediction, best-model bookkeeping."""
+    """The jitted programs of a run: init, train step, prediction, best-model bookkeeping.
 
-    def __init__(self, config, model, targets, tx):
+    They run on ``mesh`` (default: every device): batches come split along ``B``,
+    predictions return replicated, and :meth:`place` pins the state's shardings.
+    """
+
+    def __init__(self, config, model, targets, tx, mesh: Mesh | None = None):
         self.config, self.model, self.targets, self.tx = config, model, targets, tx
+        self.mesh = parallel.make_mesh() if mesh is None else mesh
+        replicated = parallel.replicated(self.mesh)
+        self.state_shardings = None
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
-        self.predict = jax.jit(self._predict)
+        self.predict = jax.jit(self._predict, out_shardings=replicated)
         self.init = jax.jit(self._init)
         self.update_best = jax.jit(self._update_best, donate_argnums=0)
+
+    def place(self, abstract, strict: bool = True):
+        """Shardings of the state ``abstract`` on the mesh; the steps keep the state on them.
+
+        Replicated, except the ``GroupedDense`` kernels under ``config.shard_params``
+        (``strict=False``: replicate a kernel that does not split evenly).
+        """
+        shard_params = self.config.get("shard_params", "none")
+        self.state_shardings = parallel.state_shardings(abstract, self.mesh, shard_params, strict)
+        replicated = parallel.replicated(self.mesh)
+        self.train_step = jax.jit(
+            self._train_step, donate_argnums=0, out_shardings=(self.state_shardings, replicated)
+        )
+        self.update_best = jax.jit(
+            self._update_best, donate_argnums=0, out_shardings=self.state_shardings
+        )
+        return self.state_shardings
 
     def _apply(self, params, consts, lora, train, key):
         lora = scale_input(lora, consts["input_scale"])
@@ -235,10 +279,15 @@ def _check_workdir_config(workdir: str, config) -> None:
 
 
 class _MetricsLog:
-    """``metrics.jsonl``: appends lines; on resume drops lines past the restored step."""
+    """``metrics.jsonl``: appends lines; on resume drops lines past the restored step.
 
-    def __init__(self, path: str, resume_step: int):
-        self.path = path
+    Only process 0 writes (``enabled``); the others keep no file.
+    """
+
+    def __init__(self, path: str, resume_step: int, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
         lines = []
         if os.path.exists(path) and resume_step > 0:
             with open(path) as f:
@@ -247,6 +296,8 @@ class _MetricsLog:
             f.writelines(lines)
 
     def write(self, **record: Any) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -263,6 +314,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       The contents of ``results.json``.
     """
     check_config(config)
+    mesh = parallel.make_mesh(int(config.get("num_devices", 0)))
+    main = parallel.is_main_process()
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_config(workdir, config)
     ds = dataset_lib.open(config.dataset)
@@ -278,16 +331,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{ds.path}: the training split has {len(splits['train'])} LoRAs, fewer than "
             f"config.batch_size={B}"
         )
+    parallel.check_divisible(B, mesh, "config.batch_size")
     steps_per_epoch = len(splits["train"]) // B
     total_steps = steps_per_epoch * int(config.num_epochs)
     tx = make_optimizer(config, total_steps)
-    programs = Programs(config, model, targets, tx)
+    programs = Programs(config, model, targets, tx, mesh)
     ranks = ds.max_ranks()
 
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    # Process 0 writes the run's files; the others write to nowhere.
+    where = (lambda name: os.path.join(workdir, name)) if main else (lambda name: os.devnull)
+    with open(where("config.json"), "w") as f:
         json.dump(_config_json(config), f, indent=1)
     sizes = extras_sizes(ds.batch(splits["train"][:1], ranks=ranks))
-    with open(os.path.join(workdir, "targets.json"), "w") as f:
+    with open(where("targets.json"), "w") as f:
         json.dump(
             {
                 "targets": [t.to_json() for t in targets],
@@ -304,43 +360,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = _initial_state(config, ds, splits["train"], ranks, seeds, programs)
     manager = _checkpoint_manager(workdir)
     if manager.latest_step() is not None:
-        state = _restore(manager, state)
+        state = _restore(manager, state)  # onto this run's mesh, whatever the saving one was
         logging.info("resumed from step %d", int(state["step"]))
     start = int(state["step"])
-    log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start)
+    log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start, enabled=main)
 
     bytes_per_lora = sum(len(g.names) * (g.n + g.m) * r * 4 for g, r in zip(ds.spec.groups, ranks))
     fits = len(splits["train"]) * bytes_per_lora <= config.in_memory_gb * 1e9
-    train_src = pipeline.Source(ds, ranks, splits["train"] if fits else None)
+    train_src = pipeline.Source(ds, ranks, splits["train"] if fits else None, mesh)
     eval_src = {
-        name: pipeline.Source(ds, ranks, ids if fits else None)
+        name: pipeline.Source(ds, ranks, ids if fits else None, mesh)
         for name, ids in splits.items()
         if name != "train"
     }
     eval_src["train"] = train_src
-    y_dev = jnp.asarray(labels)
-    w_dev = jnp.ones((S, B), jnp.float32)
+    # Labels [S, B, C] and weights [S, B] split along B like the batch: each process puts
+    # only its devices' rows.
+    label_sharding = parallel.split_along(mesh, 3, 1)
+    rows = parallel.local_slice(B, mesh)
+    w_dev = parallel.put(np.ones((S, B), np.float32), parallel.split_along(mesh, 2, 1))
 
     indices = pipeline.step_indices(seeds, splits["train"], B, start, total_steps)
 
     bar = tqdm(
         total=total_steps,
         initial=start,
-        disable=not config.progress,
+        disable=not (config.progress and main),
         desc=config.model,
         unit="step",
         dynamic_ncols=True,
     )
-    batches = pipeline.prefetch(train_src, indices, S)
+    batches = pipeline.prefetch(train_src, indices)
     t0, losses = time.perf_counter(), []
     for step in range(start, total_steps):
         ids, batch = next(batches)
-        state, loss = programs.train_step(state, batch, y_dev[ids], w_dev)
+        y = parallel.host_to_global(labels[ids[:, rows]], label_sharding, (S, B, labels.shape[-1]))
+        state, loss = programs.train_step(state, batch, y, w_dev)
         losses.append(loss)
         bar.update(1)
         done = step + 1
         if done % config.log_every_steps == 0 or done % steps_per_epoch == 0:
-            mean_loss = np.asarray(jnp.stack(losses)).mean(0)
+            mean_loss = np.stack(parallel.to_host(losses)).mean(0)
             losses = []
             if not np.all(np.isfinite(mean_loss)):
                 bad = [seeds[i] for i in np.flatnonzero(~np.isfinite(mean_loss))]
@@ -368,8 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 labels,
                 config.eval_batch_size,
             )
-            val_loss = jnp.asarray([m["loss"] for m in val], jnp.float32)
-            state = programs.update_best(state, val_loss, jnp.int32(epoch))
+            val_loss = np.asarray([m["loss"] for m in val], np.float32)
+            state = programs.update_best(state, val_loss, np.int32(epoch))
             log.write(step=done, epoch=epoch, split="validation", metrics=val)
             if epoch % config.checkpoint_every_epochs == 0 or done == total_steps:
                 _save(manager, done, state)
@@ -377,21 +437,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if manager.latest_step() != total_steps:
         _save(manager, total_steps, state)
     results = final_results(programs, state, eval_src, splits, labels, config, seeds)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
+    with open(where("results.json"), "w") as f:
         json.dump(results, f, indent=1)
     return results
 
 
 def _initial_state(config, ds, train_ids, ranks, seeds, programs: Programs) -> dict[str, Any]:
+    """The state of every seed before training, made on the mesh (see :meth:`Programs.place`)."""
     # Each seed draws its own O-Align template from the training split; other models
     # only use it to learn the input shapes.
     template_ids = np.asarray([np.random.default_rng([s, 7]).choice(train_ids) for s in seeds])
     scales = input_scales(ds, train_ids, ranks, config.input_scale)
-    templates = jax.device_put(ds.batch(template_ids, ranks=ranks))
-    keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
+    templates = ds.batch(template_ids, ranks=ranks)
+    keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds])
+    build = functools.partial(_build_state, programs)
+    shardings = programs.place(jax.eval_shape(build, keys, templates, scales))
+    # Made by one jitted program straight onto its shardings: a split kernel is never
+    # whole on one device.
+    return jax.jit(build, out_shardings=shardings)(keys, templates, scales)
+
+
+def _build_state(programs: Programs, keys, templates: Lora, scales) -> dict[str, Any]:
+    """The initial state from the seeds' key data ``[S, 2]`` and templates ``[S, ...]``."""
     init_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), 1))(keys)
-    params, consts = jax.vmap(programs.init, in_axes=(0, 0, None))(init_keys, templates, scales)
-    S = len(seeds)
+    params, consts = jax.vmap(programs._init, in_axes=(0, 0, None))(init_keys, templates, scales)
+    S = keys.shape[0]
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -401,7 +471,7 @@ def _initial_state(config, ds, train_ids, ranks, seeds, programs: Programs) -> d
         "best_params": jax.tree_util.tree_map(jnp.copy, params),
         "best_loss": jnp.full((S,), jnp.inf, jnp.float32),
         "best_epoch": jnp.zeros((S,), jnp.int32),
-        "key": keys,
+        "key": jnp.asarray(keys),
     }
 
 
@@ -430,26 +500,11 @@ def extras_sizes(lora: Lora) -> dict[str, dict[str, int]]:
 
 def abstract_state(programs: Programs, spec, ranks, sizes, num_seeds: int):
     """Shapes and dtypes of a run's state, for restoring a checkpoint without data."""
-
-    def build():
-        template = zeros_lora(spec, ranks, sizes, num_seeds)
-        scales = tuple(jnp.ones(2, jnp.float32) for _ in spec.groups)
-        keys = jnp.zeros((num_seeds, 2), jnp.uint32)
-        params, consts = jax.vmap(programs.init, in_axes=(0, 0, None))(
-            jax.vmap(jax.random.wrap_key_data)(keys), template, scales
-        )
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "consts": consts,
-            "opt_state": jax.vmap(programs.tx.init)(params),
-            "best_params": params,
-            "best_loss": jnp.zeros((num_seeds,), jnp.float32),
-            "best_epoch": jnp.zeros((num_seeds,), jnp.int32),
-            "key": keys,
-        }
-
-    return jax.eval_shape(build)
+    key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    keys = jax.ShapeDtypeStruct((num_seeds, *key_data.shape), key_data.dtype)
+    template = zeros_lora(spec, ranks, sizes, num_seeds)
+    scales = tuple(np.ones(2, np.float32) for _ in spec.groups)
+    return jax.eval_shape(functools.partial(_build_state, programs), keys, template, scales)
 
 
 def _checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
@@ -465,6 +520,11 @@ def _save(manager: ocp.CheckpointManager, step: int, state) -> None:
 
 
 def _restore(manager: ocp.CheckpointManager, like, step: int | None = None):
+    """The checkpoint at ``step`` (default: the latest) restored onto ``like``'s shardings.
+
+    ``like``: arrays, or shape-dtype structs that carry a sharding: a checkpoint written
+    on any number of devices is re-sharded onto them.
+    """
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
     return manager.restore(
         step if step is not None else manager.latest_step(), args=ocp.args.StandardRestore(abstract)
@@ -474,14 +534,18 @@ def _restore(manager: ocp.CheckpointManager, like, step: int | None = None):
 def predict_split(
     programs: Programs, params, consts, source: pipeline.Source, ids: np.ndarray, batch_size: int
 ) -> np.ndarray:
-    """Outputs of every seed on ``ids``: ``[S, N, num_outputs]`` (batches padded to one shape)."""
+    """Outputs of every seed on ``ids``: ``[S, N, num_outputs]`` (batches padded to one shape).
+
+    Batches are split over the source's mesh (``batch_size`` rounded up to a multiple of
+    its device count); the outputs come back whole on every process.
+    """
+    size = parallel.round_up(batch_size, source.mesh)
     outs = []
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk))])
-        outs.append(
-            np.asarray(programs.predict(params, consts, source.read(padded)))[:, : len(chunk)]
-        )
+    for start in range(0, len(ids), size):
+        chunk = ids[start : start + size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk))])
+        out = programs.predict(params, consts, source.read(padded))
+        outs.append(parallel.to_host(out)[:, : len(chunk)])
     return np.concatenate(outs, axis=1)
 
 
@@ -496,7 +560,8 @@ def evaluate_split(
 def final_results(programs, state, sources, splits, labels, config, seeds) -> dict[str, Any]:
     """Metrics of each seed's best model on train, validation and test (read once, here)."""
     per_seed = [
-        {"seed": s, "best_epoch": int(e)} for s, e in zip(seeds, np.asarray(state["best_epoch"]))
+        {"seed": s, "best_epoch": int(e)}
+        for s, e in zip(seeds, parallel.to_host(state["best_epoch"]))
     ]
     for split in ("train", "validation", "test"):
         metrics = evaluate_split(

@@ -6,16 +6,22 @@ Training batches hold ``S`` seeds x ``B`` examples in the rank-major layout
 matrix product. Every group is padded to the dataset's largest rank, so every batch
 has the same shapes and the step compiles once.
 
+Batches live on a device mesh (:mod:`gllora.parallel`): the example axis ``B`` is split
+over its devices (``u [k, n, S, B, r]`` along ``B``, ``rank [k, S, B]``, extras
+``[size, S, B]``); with one device that is a plain ``device_put``.
+
 Two sources of batches:
-- in memory: a split small enough (``config.in_memory_gb``) is read once onto the
-  device; each step gathers its rows on the device;
+- in memory: a split small enough (``config.in_memory_gb``, per device) is read once
+  onto every device (replicated; every process reads it whole); each step gathers its
+  rows on the devices, each device only the rows it holds;
 - streaming: a background thread reads batches from the memory-mapped shards and
-  puts them on the device ahead of the step (bounded memory; a dataset larger than RAM
-  trains).
+  puts them on the devices ahead of the step (bounded memory; a dataset larger than RAM
+  trains). Each process reads only the rows of its own devices
+  (:func:`gllora.parallel.local_slice`: a function of the step and the process index).
 
 Each seed draws its own permutation of the training split per epoch, from
 ``(seed, epoch)`` only, so a resumed run sees exactly the batches an uninterrupted run
-would have seen.
+would have seen, on any number of devices and processes.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from gllora import parallel
 from gllora.io.dataset import Dataset
-from gllora.lora import Lora
+from gllora.lora import Lora, in_axes
 
 
 def seed_in_axes(batch: Lora) -> Lora:
@@ -58,6 +66,11 @@ def split_seeds(batch: Lora, seeds: int) -> Lora:
     )
 
 
+def batch_shardings(batch: Lora, mesh: Mesh) -> Lora:
+    """A rank-major batch (``[k, n, B, r]`` or ``[k, n, S, B, r]``) split along ``B``."""
+    return parallel.shardings_along(batch, in_axes(batch, "rank_major"), mesh)
+
+
 def epoch_order(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
     """The order of ``ids`` that seed ``seed`` trains on in epoch ``epoch``."""
     return np.random.default_rng([seed, epoch]).permutation(ids)
@@ -81,53 +94,97 @@ def step_indices(
 
 
 class Source:
-    """Batches of one dataset at pinned ranks, from device memory or streamed from disk."""
+    """Batches of one dataset at pinned ranks on a mesh, from device memory or streamed."""
 
-    def __init__(self, ds: Dataset, ranks: Sequence[int], in_memory_ids: np.ndarray | None):
+    def __init__(
+        self,
+        ds: Dataset,
+        ranks: Sequence[int],
+        in_memory_ids: np.ndarray | None,
+        mesh: Mesh | None = None,
+    ):
         self.ds = ds
         self.ranks = list(ranks)
+        self.mesh = parallel.make_mesh() if mesh is None else mesh
         self._resident: Lora | None = None
         self._position: dict[int, int] = {}
         if in_memory_ids is not None:
-            self._resident = jax.device_put(
-                ds.batch(in_memory_ids, layout="rank_major", ranks=self.ranks)
-            )
+            host = ds.batch(in_memory_ids, layout="rank_major", ranks=self.ranks)
+            self._resident = parallel.put(host, parallel.replicated(self.mesh))
             self._position = {int(i): p for p, i in enumerate(in_memory_ids)}
-            self._gather = jax.jit(_gather)
+            self._gathers: dict = {}  # one jitted gather per ids shape
 
     @property
     def in_memory(self) -> bool:
         return self._resident is not None
 
     def read(self, ids: np.ndarray) -> Lora:
-        """A rank-major batch of ``ids`` (any shape; flattened) on the device."""
-        flat = np.asarray(ids).reshape(-1)
-        if self._resident is not None:
-            pos = jnp.asarray([self._position[int(i)] for i in flat], jnp.int32)
-            return self._gather(self._resident, pos)
-        return jax.device_put(self.ds.batch(flat, layout="rank_major", ranks=self.ranks))
+        """A rank-major batch of ``ids`` ``[B]`` or ``[S, B]`` on the mesh, split along ``B``.
+
+        ``u`` is ``[k, n, *ids.shape, r]``; every process passes the same ``ids`` and
+        (when streaming) reads only its own devices' rows.
+        """
+        ids = np.asarray(ids)
+        if self._resident is None:
+            return self.to_global(self.read_host(ids), ids.shape)
+        pos = np.asarray([self._position[int(i)] for i in ids.reshape(-1)], np.int32)
+        return self._gather(ids.shape)(self._resident, pos.reshape(ids.shape))
+
+    def _gather(self, shape: tuple[int, ...]):
+        if shape not in self._gathers:
+            abstract = jax.eval_shape(
+                _gather, self._resident, jax.ShapeDtypeStruct(shape, jnp.int32)
+            )
+            self._gathers[shape] = jax.jit(
+                _gather, out_shardings=batch_shardings(abstract, self.mesh)
+            )
+        return self._gathers[shape]
 
     def read_host(self, ids: np.ndarray) -> Lora:
-        """Like :meth:`read`, for streaming from a worker thread (numpy, no device)."""
-        return self.ds.batch(np.asarray(ids).reshape(-1), layout="rank_major", ranks=self.ranks)
+        """This process's rows of the batch ``ids`` (``[B]`` or ``[S, B]``): numpy, no device.
+
+        For streaming from a worker thread; :meth:`to_global` puts the result on the mesh.
+        """
+        ids = np.asarray(ids)
+        mine = ids[..., parallel.local_slice(ids.shape[-1], self.mesh)]
+        batch = self.ds.batch(mine.reshape(-1), layout="rank_major", ranks=self.ranks)
+        return split_seeds(batch, ids.shape[0]) if ids.ndim == 2 else batch
+
+    def to_global(self, local: Lora, shape: tuple[int, ...]) -> Lora:
+        """Global arrays from every process's :meth:`read_host` of a batch of ``shape`` ids."""
+        shardings = batch_shardings(local, self.mesh)
+        return parallel.host_to_global(local, shardings, _global_shapes(local, shape[-1]))
+
+
+def _global_shapes(local: Lora, size: int):
+    """The shapes of ``local``'s leaves with the batch axis ``B`` at its global ``size``."""
+
+    def shape(x, axis):
+        out = list(x.shape)
+        out[axis % x.ndim] = size
+        return tuple(out)
+
+    return jax.tree_util.tree_map(shape, local, in_axes(local, "rank_major"))
 
 
 def _gather(resident: Lora, pos: jax.Array) -> Lora:
+    """Rows ``pos`` (any shape) of a rank-major batch; their axes replace ``B``."""
+    take = lambda x, axis: jnp.take(x, pos, axis=axis % x.ndim)
     return resident.replace(
-        u=tuple(jnp.take(x, pos, axis=-2) for x in resident.u),
-        v=tuple(jnp.take(x, pos, axis=-2) for x in resident.v),
-        rank=tuple(jnp.take(x, pos, axis=-1) for x in resident.rank),
-        extras=jax.tree_util.tree_map(lambda x: jnp.take(x, pos, axis=-1), resident.extras),
+        u=tuple(take(x, -2) for x in resident.u),
+        v=tuple(take(x, -2) for x in resident.v),
+        rank=tuple(take(x, -1) for x in resident.rank),
+        extras=jax.tree_util.tree_map(lambda x: take(x, -1), resident.extras),
     )
 
 
 def prefetch(
-    source: Source, indices: Iterator[np.ndarray], seeds: int, depth: int = 3
+    source: Source, indices: Iterator[np.ndarray], depth: int = 3
 ) -> Iterator[tuple[np.ndarray, Lora]]:
     """``(ids [S, B], batch)`` pairs, read ahead by a background thread when streaming."""
     if source.in_memory:
         for ids in indices:
-            yield ids, split_seeds(source.read(ids), seeds)
+            yield ids, source.read(ids)
         return
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -138,7 +195,7 @@ def prefetch(
             for ids in indices:
                 if stop.is_set():
                     return
-                q.put((ids, jax.device_put(split_seeds(source.read_host(ids), seeds))))
+                q.put((ids, source.to_global(source.read_host(ids), ids.shape)))
             q.put(sentinel)
         except BaseException as e:  # surfaced in the consumer
             q.put(e)

@@ -1,0 +1,627 @@
+"""Past one device and one host: meshes, sharded training, prediction, generation, checkpoints.
+
+The multi-device checks run in subprocesses with 4 virtual CPU devices
+(``--xla_force_host_platform_device_count=4``); the multi-host check runs two local
+processes on 127.0.0.1 with ``jax.distributed`` (gloo CPU collectives). Each compares
+with the plain one-device run of this process. This file is also the subprocesses'
+worker: ``python tests/test_parallel.py TASK ARGS...``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEFT_CONFIG = os.path.join(ROOT, "tests", "data", "real_loras", "peft_llm", "lora_r4_kv")
+TIMEOUT = 240  # seconds per subprocess: a hang fails the test, it never blocks the suite
+
+#: The synthetic family's modules in sorted order, the order PEFT files load in.
+MODULES = (
+    ("head", 6, 8),
+    ("layers.0.q", 8, 12),
+    ("layers.0.v", 8, 12),
+    ("layers.1.q", 8, 12),
+    ("layers.1.v", 8, 12),
+)
+
+
+# -- data and configs shared by the tests and the workers ----------------------------
+
+
+def write_data(root: str) -> tuple[str, str]:
+    """A 256-LoRA synthetic dataset and a folder of 11 PEFT adapters (10 good, 1 bad)."""
+    from safetensors.numpy import save_file
+
+    from data_gen import synthetic
+    from gllora.io import dataset
+
+    data, adapters = os.path.join(root, "data"), os.path.join(root, "adapters")
+    if not os.path.exists(data):
+        factors, labels = synthetic.generate(256, seed=3, modules=MODULES)
+        writer = dataset.DatasetWriter(data, modules=MODULES, targets=synthetic.targets(MODULES))
+        writer.add(factors, labels)
+        writer.close(split_seed=3)
+        with open(os.path.join(PEFT_CONFIG, "adapter_config.json")) as f:
+            config = json.load(f)
+        config.update(r=4, lora_alpha=4, target_modules=["q", "v", "head"])
+        for i in range(10):
+            folder = os.path.join(adapters, f"adapter_{i}")
+            os.makedirs(folder)
+            tensors = {}
+            for name, _, _ in MODULES:
+                u, v = factors[name][0][i * 7], factors[name][1][i * 7]
+                tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(v.T)
+                tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(u)
+            save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+            with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+                json.dump(config, f)
+        with open(os.path.join(adapters, "adapter_5b.safetensors"), "wb") as f:
+            f.write(b"not a safetensors file")
+    return data, adapters
+
+
+def config_for(data: str, **overrides):
+    from experiments.configs import default
+
+    config = default.get_config("tiny")
+    config.dataset = data
+    config.progress = False
+    config.model = "mlp"
+    config.models.mlp.hidden = 32
+    config.num_epochs = 2
+    config.batch_size = 16
+    config.eval_batch_size = 50
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def assert_results_close(a, b, rtol=1e-4):
+    """Two ``results.json``: the same best epochs, metrics equal to float32 tolerance."""
+    assert [s["best_epoch"] for s in a["per_seed"]] == [s["best_epoch"] for s in b["per_seed"]]
+
+    def close(x, y, where):
+        if isinstance(x, dict):
+            assert set(x) == set(y), where
+            for k in x:
+                close(x[k], y[k], f"{where}.{k}")
+        elif isinstance(x, list):
+            assert len(x) == len(y), where
+            for i, (xi, yi) in enumerate(zip(x, y)):
+                close(xi, yi, f"{where}[{i}]")
+        elif isinstance(x, float):
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-6, err_msg=where)
+        else:
+            assert x == y, where
+
+    close(a["per_seed"], b["per_seed"], "per_seed")
+
+
+def subprocess_env(devices: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # as tests/conftest.py, for the same numbers
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_worker(task: str, *args: str, devices: int = 4) -> None:
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), task, *args],
+        cwd=ROOT,
+        env=subprocess_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, f"worker {task} failed:\n{proc.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(str(tmp_path_factory.mktemp("parallel")))
+
+
+@pytest.fixture(scope="module")
+def one_device_run(data, tmp_path_factory):
+    """The plain run: this process, one device; ``(workdir, results)``."""
+    from gllora.train import train_and_evaluate
+
+    workdir = str(tmp_path_factory.mktemp("one_device") / "run")
+    return workdir, train_and_evaluate(config_for(data[0], shard_params="fan_in"), workdir)
+
+
+# -- in this process (one device) ---------------------------------------------------
+
+
+def test_cluster_environment_and_distributed_modes(monkeypatch):
+    from gllora import parallel
+
+    assert parallel.cluster_environment({}) is None
+    slurm = {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0"}
+    assert parallel.cluster_environment({**slurm, "SLURM_NTASKS": "1"}) is None
+    assert parallel.cluster_environment({**slurm, "SLURM_NTASKS": "2"}) == "slurm"
+    assert parallel.cluster_environment({"TPU_WORKER_HOSTNAMES": "a,b"}) == "tpu"
+    assert parallel.cluster_environment({"TPU_WORKER_HOSTNAMES": "a"}) is None
+    env = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"}
+    assert parallel.cluster_environment(env) == "env"
+    for key in (
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "SLURM_JOB_ID",
+        "TPU_WORKER_HOSTNAMES",
+        "TPU_PROCESS_ADDRESSES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    assert parallel.maybe_initialize_distributed("off") is False
+    assert parallel.maybe_initialize_distributed("auto") is False  # no cluster: one process
+    with pytest.raises(ValueError, match="--distributed must be one of"):
+        parallel.maybe_initialize_distributed("yes")
+
+
+def test_mesh_shardings_and_shares_on_one_device():
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from gllora import parallel
+
+    mesh = parallel.make_mesh()
+    assert mesh.axis_names == ("data",) and mesh.size == jax.device_count()
+    assert parallel.local_slice(12, mesh) == slice(0, 12)
+    assert parallel.round_up(5, parallel.make_mesh(1)) == 5
+    with pytest.raises(ValueError, match="num_devices=99"):
+        parallel.make_mesh(99)
+    state = {
+        "params": {"first": {"kernel_g8x12_0": np.zeros((1, 4, 96, 32)), "bias": np.zeros(32)}},
+        "opt_state": ({"mu": {"first": {"kernel_g8x12_0": np.zeros((1, 4, 96, 32))}}},),
+    }
+    specs = jax.tree_util.tree_map(
+        lambda s: s.spec, parallel.state_shardings(state, mesh, "fan_in")
+    )
+    assert specs["params"]["first"]["kernel_g8x12_0"] == P(None, None, "data", None)
+    assert specs["opt_state"][0]["mu"]["first"]["kernel_g8x12_0"] == P(None, None, "data", None)
+    assert specs["params"]["first"]["bias"] == P()
+    fan_out = parallel.state_shardings(state, mesh, "fan_out")["params"]["first"]
+    assert fan_out["kernel_g8x12_0"].spec == P(None, None, None, "data")
+    with pytest.raises(ValueError, match="no GroupedDense kernel"):
+        parallel.state_shardings({"w": np.zeros(3)}, mesh, "fan_in")
+    with pytest.raises(ValueError, match="shard_params must be one of"):
+        parallel.state_shardings(state, mesh, "rows")
+    # Contiguous shares in process order make up the whole, in order.
+    for n, p in ((10, 3), (2, 4), (0, 2)):
+        shares = parallel.shares(n, p)
+        assert len(shares) == p
+        assert [i for s in shares for i in range(n)[s]] == list(range(n))
+
+
+def test_bad_device_configs_fail_before_training(data, tmp_path):
+    from gllora.train import train_and_evaluate
+
+    with pytest.raises(ValueError, match="shard_params"):
+        train_and_evaluate(config_for(data[0], shard_params="rows"), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="num_devices"):
+        train_and_evaluate(config_for(data[0], num_devices=64), str(tmp_path / "b"))
+    assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+def test_run_chunked_on_one_device_is_the_plain_loop():
+    import jax
+
+    from data_gen import common
+    from gllora import parallel
+
+    x = np.arange(11, dtype=np.float32)
+    seen = []
+
+    @jax.jit
+    def double(x):
+        return {"x": 2 * x}
+
+    def fn(scale, x):
+        seen.append((type(x), x.shape, type(scale)))
+        return double(x * scale)
+
+    mesh = parallel.make_mesh(1)
+    out, stats = common.run_chunked(fn, {"x": x}, 4, shared=(np.float32(1.0),), mesh=mesh)
+    np.testing.assert_array_equal(out["x"], 2 * x)
+    # Numpy straight into jit, as without a mesh (the 4-device worker checks the split).
+    assert stats.num_chunks == 3 and seen[0] == (np.ndarray, (4,), np.float32)
+
+
+# -- 4 virtual devices, in a subprocess ---------------------------------------------
+
+
+def test_sharded_train_steps_equal_the_single_device_steps(data, tmp_path):
+    """3 steps of mlp on 4 devices (batch split; kernels whole, split on F, split on h)
+    equal the steps on one device; in-memory and streamed batches are the same arrays."""
+    run_worker("steps", str(tmp_path), os.path.dirname(data[0]))
+    got = read_json(tmp_path / "steps.json")
+    ref = np.load(tmp_path / "steps_1.npz")
+    for variant in ("none", "fan_in", "fan_out"):
+        new = np.load(tmp_path / f"steps_4_{variant}.npz")
+        assert sorted(new) == sorted(ref)
+        for key in ref:
+            np.testing.assert_allclose(new[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert got["kernel_spec"] == {
+        "none": "P()",
+        "fan_in": "P(None, None, 'data', None)",
+        "fan_out": "P(None, None, None, 'data')",
+    }
+    # Each device holds a quarter of a split kernel (F = 2 * 8 * 4 + ... per group).
+    assert got["kernel_shard_fraction"] == {"none": 1.0, "fan_in": 0.25, "fan_out": 0.25}
+    assert got["streamed_equals_in_memory"] is True
+    assert "does not split over 3 devices" in got["indivisible_error"]
+    assert "config.batch_size=18 does not split over 4 devices" in got["batch_error"]
+
+
+def test_sharded_prediction_and_generation_equal_unsharded(data, one_device_run, tmp_path):
+    """Predictor, predict_inputs (dataset and adapter folders), evaluate_workdir and
+    run_chunked on 4 devices give the one-device numbers."""
+    workdir, _ = one_device_run
+    run_worker("predict", str(tmp_path), os.path.dirname(data[0]), workdir)
+    got = read_json(tmp_path / "predict.json")
+    for what in ("dataset", "adapters", "evaluate", "chunked"):
+        one, four = got[what]["1"], got[what]["4"]
+        np.testing.assert_allclose(
+            np.asarray(_numbers(four)), np.asarray(_numbers(one)), rtol=1e-5, atol=1e-6
+        )
+    assert got["dataset"]["keys"] == [str(i) for i in range(256)]
+    assert got["adapters"]["keys"] == [f"adapter_{i}" for i in range(10)]
+    assert got["adapters"]["failures"] == ["adapter_5b.safetensors"]
+    # 6 items a chunk as on one device, each call padded to 8 and split over 4 devices.
+    plain = [6, "None", "None"]
+    assert got["chunked_calls"] == [plain, plain] + [[8, "P('data', None)", "P()"]] * 2
+
+
+def _numbers(tree):
+    if isinstance(tree, dict):
+        return [x for k in sorted(tree) for x in _numbers(tree[k])]
+    if isinstance(tree, list):
+        return [x for v in tree for x in _numbers(v)]
+    return [float(tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+def test_checkpoint_written_on_four_devices_restores_and_resumes_on_one(
+    data, one_device_run, tmp_path
+):
+    """A run trained on 4 devices (kernels split on F) equals the one-device run; its
+    checkpoint restores on this 1-device process, predicts the same, and a run resumed
+    here from its first-epoch checkpoint ends with the same results."""
+    from gllora.train import Predictor, train_and_evaluate
+
+    _, results1 = one_device_run
+    run_worker("train", str(tmp_path), os.path.dirname(data[0]))
+    workdir4 = str(tmp_path / "run4")
+    results4 = read_json(os.path.join(workdir4, "results.json"))
+    assert_results_close(results4, results1)
+    outputs4 = np.load(tmp_path / "outputs4.npy")
+    predictor = Predictor.from_workdir(workdir4)  # saved on 4 devices, restored on 1
+    assert predictor.mesh.size == 1
+    from gllora.io import dataset
+
+    batch = dataset.open(data[0]).batch(np.arange(40))
+    np.testing.assert_allclose(predictor.outputs(batch), outputs4, rtol=1e-5, atol=1e-6)
+    # Resume on one device from the 4-device checkpoint of epoch 1.
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir4, resumed)
+    steps = sorted(int(p) for p in os.listdir(os.path.join(resumed, "checkpoints")) if p.isdigit())
+    assert len(steps) == 2
+    shutil.rmtree(os.path.join(resumed, "checkpoints", str(steps[-1])))
+    os.remove(os.path.join(resumed, "results.json"))
+    config = config_for(data[0], shard_params="fan_in", num_devices=1)
+    assert_results_close(train_and_evaluate(config, resumed), results4)
+
+
+# -- two processes, jax.distributed on 127.0.0.1 -------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_pair(args: list[str]) -> list[subprocess.CompletedProcess]:
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                *args,
+                "--distributed=on",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=subprocess_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    done = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+_PROBE = textwrap.dedent(
+    """
+    import sys, jax, numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+    from jax.experimental import multihost_utils
+    assert multihost_utils.process_allgather(np.float32(1)).sum() == 2
+    """
+)
+
+
+def _skip_unless_platform_runs_two_processes(failed: subprocess.CompletedProcess) -> None:
+    """Skips (printing why) if two jax.distributed processes cannot run here at all."""
+    port = _free_port()
+    probes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PROBE, f"127.0.0.1:{port}", str(i)],
+            env=subprocess_env(1),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in probes]
+    if any(p.returncode for p in probes):
+        reason = "this platform cannot run two jax.distributed CPU processes: " + errors[0][-500:]
+        print(reason)
+        pytest.skip(reason)
+    raise AssertionError(f"the two-process run failed:\n{failed.stderr[-4000:]}")
+
+
+@pytest.mark.slow
+def test_two_processes_train_evaluate_and_predict_like_one(data, tmp_path):
+    """``experiments.train``, ``.evaluate`` and ``.predict`` as two jax.distributed
+    processes agree with one process: training with the global batch split over them
+    (2 seeds, the split in device memory), evaluation streaming each process's rows,
+    prediction of each process's share of the adapter files merged into one CSV."""
+    from gllora.train import train_and_evaluate
+    from gllora.train.predictor import Predictor, predict_inputs, write_predictions
+
+    dataset_path, adapters = data
+    workdir = str(tmp_path / "two")
+    config_args = [
+        "--config=experiments/configs/default.py:tiny",
+        f"--config.dataset={dataset_path}",
+        "--config.progress=false",
+        "--config.model=mlp_svd",
+        "--config.num_epochs=2",
+        "--config.num_seeds=2",
+        "--config.batch_size=16",
+        "--config.eval_batch_size=50",
+    ]
+    trained = _launch_pair(["-m", "experiments.train", *config_args, f"--workdir={workdir}"])
+    if any(p.returncode for p in trained):
+        _skip_unless_platform_runs_two_processes(trained[0])
+    assert "results:" in trained[0].stdout and "results:" not in trained[1].stdout
+    one = train_and_evaluate(
+        config_for(dataset_path, model="mlp_svd", num_seeds=2), str(tmp_path / "one")
+    )
+    assert_results_close(read_json(os.path.join(workdir, "results.json")), one)
+
+    evaluated = _launch_pair(["-m", "experiments.evaluate", f"--workdir={workdir}"])
+    assert [p.returncode for p in evaluated] == [0, 0], evaluated[0].stderr[-3000:]
+    again = read_json(os.path.join(workdir, "evaluation_test.json"))["per_seed"]
+    assert_results_close(
+        {"per_seed": [{"best_epoch": 0, "test": m} for m in again]},
+        {"per_seed": [{"best_epoch": 0, "test": s["test"]} for s in one["per_seed"]]},
+    )
+
+    out2 = str(tmp_path / "two.csv")
+    predicted = _launch_pair(
+        [
+            "-m",
+            "experiments.predict",
+            f"--workdir={workdir}",
+            f"--inputs={adapters}",
+            f"--out={out2}",
+        ]
+    )
+    assert [p.returncode for p in predicted] == [1, 1]  # one unreadable file, on every process
+    assert "adapter_5b.safetensors" in predicted[0].stderr
+    assert not [f for f in os.listdir(tmp_path) if ".part-" in f]
+    out1 = str(tmp_path / "one.csv")
+    rows, failures = predict_inputs(Predictor.from_workdir(str(tmp_path / "one")), adapters)
+    write_predictions(rows, failures, out1)
+    with open(out1) as f1, open(out2) as f2:
+        a, b = list(csv.reader(f1)), list(csv.reader(f2))
+    assert a[0] == b[0] and [r[0] for r in a] == [r[0] for r in b]
+    np.testing.assert_allclose(
+        np.asarray([r[1:] for r in b[1:]], float),
+        np.asarray([r[1:] for r in a[1:]], float),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+# -- the workers ------------------------------------------------------------------------
+
+
+def _worker_steps(out: str, root: str) -> None:
+    import jax
+
+    from gllora import parallel
+    from gllora.io import dataset
+    from gllora.train import loop, pipeline, tasks
+
+    data, _ = write_data(root)
+    ds = dataset.open(data)
+    splits = loop._splits(ds)
+    ranks = ds.max_ranks()
+    report = {"kernel_spec": {}, "kernel_shard_fraction": {}}
+
+    def run(mesh, shard_params):
+        config = config_for(data, shard_params=shard_params, num_seeds=2)
+        targets = tasks.resolve(ds, tuple(config.targets), splits["train"])
+        labels = tasks.encode(ds, targets)
+        model = loop.build_model(config, sum(t.num_outputs for t in targets))
+        programs = loop.Programs(config, model, targets, loop.make_optimizer(config, 10), mesh)
+        seeds = [0, 1]
+        state = loop._initial_state(config, ds, splits["train"], ranks, seeds, programs)
+        source = pipeline.Source(ds, ranks, splits["train"], mesh)
+        w = parallel.put(np.ones((2, 16), np.float32), parallel.split_along(mesh, 2, 1))
+        losses = []
+        for ids in pipeline.step_indices(seeds, splits["train"], 16, 0, 3):
+            batch = source.read(ids)
+            y = parallel.put(labels[ids], parallel.split_along(mesh, 3, 1))
+            state, loss = programs.train_step(state, batch, y, w)
+            losses.append(parallel.to_host(loss))
+        flat = {
+            jax.tree_util.keystr(path): parallel.to_host(x)
+            for path, x in jax.tree_util.tree_leaves_with_path(state["params"])
+        }
+        flat["loss"] = np.stack(losses)
+        kernel = next(
+            x
+            for p, x in jax.tree_util.tree_leaves_with_path(state["params"])
+            if "kernel_" in jax.tree_util.keystr(p)
+        )
+        report["kernel_spec"][shard_params] = str(kernel.sharding.spec)
+        report["kernel_shard_fraction"][shard_params] = (
+            kernel.addressable_shards[0].data.size / kernel.size
+        )
+        return flat
+
+    np.savez(os.path.join(out, "steps_1.npz"), **run(parallel.make_mesh(1), "none"))
+    for variant in ("none", "fan_in", "fan_out"):
+        np.savez(os.path.join(out, f"steps_4_{variant}.npz"), **run(parallel.make_mesh(4), variant))
+    # The same batch gathered from device memory and streamed (each device's rows).
+    mesh = parallel.make_mesh(4)
+    ids = next(pipeline.step_indices([0, 1], splits["train"], 16, 5, 6))
+    resident = pipeline.Source(ds, ranks, splits["train"], mesh).read(ids)
+    streamed = pipeline.Source(ds, ranks, None, mesh).read(ids)
+    leaves = zip(jax.tree_util.tree_leaves(resident), jax.tree_util.tree_leaves(streamed))
+    report["streamed_equals_in_memory"] = all(
+        a.sharding == b.sharding and np.array_equal(a, b) for a, b in leaves
+    )
+    try:
+        parallel.state_shardings(
+            {"kernel_g": np.zeros((1, 4, 8, 32))}, parallel.make_mesh(3), "fan_in"
+        )
+    except ValueError as e:
+        report["indivisible_error"] = str(e)
+    try:
+        loop.train_and_evaluate(config_for(data, batch_size=18), os.path.join(out, "bad"))
+    except ValueError as e:
+        report["batch_error"] = str(e)
+    with open(os.path.join(out, "steps.json"), "w") as f:
+        json.dump(report, f)
+
+
+def _worker_predict(out: str, root: str, workdir: str) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from data_gen import common
+    from gllora import parallel
+    from gllora.train import Predictor, evaluation
+    from gllora.train.predictor import predict_inputs
+
+    data, adapters = write_data(root)  # written by the test already: reused
+    report = {}
+    for n in (1, 4):
+        mesh = parallel.make_mesh(n)
+        predictor = Predictor.from_workdir(workdir, mesh)
+        for what, inputs in (("dataset", data), ("adapters", adapters)):
+            rows, failures = predict_inputs(predictor, inputs, batch_size=30)
+            entry = report.setdefault(what, {})
+            entry[str(n)] = [
+                {k: np.asarray(v).tolist() for k, v in r.items() if k != "input"} for r in rows
+            ]
+            entry["keys"] = [r["input"] for r in rows]
+            entry["failures"] = [k for k, _ in failures]
+        report.setdefault("evaluate", {})[str(n)] = evaluation.evaluate_workdir(
+            workdir, "test", mesh=mesh
+        )["per_seed"]
+
+    @jax.jit
+    def finetune(base, steps, x):
+        # Per-item loops as long as the chunk's longest (a reduction across devices).
+        def one(n, x0):
+            body = lambda i, x: jnp.where(i < n, jnp.tanh(base @ x + 0.1 * i), x)
+            return jax.lax.fori_loop(0, steps.max(), body, x0)
+
+        return {"x": jax.vmap(one)(steps, x), "n": steps * 2}
+
+    rng = np.random.default_rng(0)
+    items = {
+        "steps": rng.integers(1, 6, 11).astype(np.int32),
+        "x": rng.normal(size=(11, 5)).astype(np.float32),
+    }
+    base = rng.normal(size=(5, 5)).astype(np.float32) / 3
+    calls = []
+
+    def fn(base, **kw):  # records the size and placement of every call
+        spec = lambda a: str(getattr(getattr(a, "sharding", None), "spec", None))
+        calls.append([kw["x"].shape[0], spec(kw["x"]), spec(base)])
+        return finetune(base, **kw)
+
+    for n in (1, 4):
+        res, _ = common.run_chunked(
+            fn,
+            items,
+            6,
+            order=np.argsort(-items["steps"]),
+            shared=(base,),
+            mesh=parallel.make_mesh(n),
+        )
+        report.setdefault("chunked", {})[str(n)] = {k: v.tolist() for k, v in res.items()}
+    report["chunked_calls"] = calls
+    with open(os.path.join(out, "predict.json"), "w") as f:
+        json.dump(report, f)
+
+
+def _worker_train(out: str, root: str) -> None:
+    from gllora.io import dataset
+    from gllora.train import Predictor, train_and_evaluate
+
+    data, _ = write_data(root)
+    workdir = os.path.join(out, "run4")
+    train_and_evaluate(config_for(data, shard_params="fan_in", num_devices=4), workdir)
+    predictor = Predictor.from_workdir(workdir)
+    assert predictor.mesh.size == 4
+    np.save(
+        os.path.join(out, "outputs4.npy"),
+        predictor.outputs(dataset.open(data).batch(np.arange(40))),
+    )
+
+
+if __name__ == "__main__":
+    import jax
+
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    workers = {"steps": _worker_steps, "predict": _worker_predict, "train": _worker_train}
+    workers[sys.argv[1]](*sys.argv[2:])
