@@ -8,7 +8,7 @@ slows them alike (the table gives the median over rounds):
 - training step, batches from device memory: the plain path is the engine before
   meshes (``device_put`` of the split, a jitted gather, a ``jit`` without shardings);
   the sharded one is :class:`gllora.train.pipeline.Source` with ``out_shardings`` and
-  :class:`gllora.train.loop.Programs` after ``place`` (state pinned to the mesh);
+  :class:`gllora.train.programs_lib.Programs` after ``place`` (state pinned to the mesh);
 - training step, batches streamed from disk (read, put, step), likewise;
 - prediction of an evaluation batch (``eval_batch_size``);
 - :func:`data_gen.common.run_chunked` against its loop without a mesh (numpy in, jitted
@@ -37,6 +37,8 @@ from experiments.configs import default
 from gllora import parallel
 from gllora.io import dataset
 from gllora.train import loop, pipeline, tasks
+from gllora.train import programs as programs_lib
+from gllora.train import state as state_lib
 
 
 def _plain_gather(resident, pos):
@@ -56,14 +58,16 @@ def training_steps(args, path: str) -> dict[str, float]:
     config.dataset, config.model = path, args.model
     config.targets = ("log_norm", "alignment")
     ds = dataset.open(path)
-    splits = loop._splits(ds)
+    splits = loop.read_splits(ds)
     targets = tasks.resolve(ds, tuple(config.targets), splits["train"])
     labels = tasks.encode(ds, targets)
-    model = loop.build_model(config, sum(t.num_outputs for t in targets))
+    model = programs_lib.build_model(config, sum(t.num_outputs for t in targets))
     seeds = [0, 1, 2][: config.num_seeds]
     S, B, ranks = len(seeds), config.batch_size, ds.max_ranks()
     mesh = parallel.make_mesh(1)
-    programs = loop.Programs(config, model, targets, loop.make_optimizer(config, 1000), mesh)
+    programs = programs_lib.Programs(
+        config, model, targets, programs_lib.make_optimizer(config, 1000), mesh
+    )
     train = splits["train"]
     rows = parallel.local_slice(B, mesh)
     ysh, wsh = parallel.split_along(mesh, 3, 1), parallel.split_along(mesh, 2, 1)
@@ -76,7 +80,7 @@ def training_steps(args, path: str) -> dict[str, float]:
     w_sharded = parallel.put(np.ones((S, B), np.float32), wsh)
 
     def sharded(kind):
-        state = loop._initial_state(config, ds, train, ranks, seeds, programs)
+        state = state_lib.initial(config, ds, train, ranks, seeds, programs)
 
         def step(state, ids):
             y = parallel.host_to_global(labels[ids[:, rows]], ysh, (S, B, labels.shape[-1]))

@@ -24,6 +24,8 @@ from benchmarks.bench_models import M, N, NUM_LAYERS, R
 from experiments.configs import default
 from gllora.io import dataset
 from gllora.train import loop, pipeline, tasks
+from gllora.train import programs as programs_lib
+from gllora.train import state as state_lib
 
 
 def write_dataset(path: str, num: int) -> None:
@@ -77,9 +79,11 @@ def time_step_alone(path: str, steps: int) -> float:
     config = config_for(path, 1, 0.0)
     train = np.sort(ds.splits["train"])
     targets = tasks.resolve(ds, ("score",), train)
-    model = loop.build_model(config, 1)
-    programs = loop.Programs(config, model, targets, loop.make_optimizer(config, 100))
-    state = loop._initial_state(config, ds, train, ds.max_ranks(), [0], programs)
+    model = programs_lib.build_model(config, 1)
+    programs = programs_lib.Programs(
+        config, model, targets, programs_lib.make_optimizer(config, 100)
+    )
+    state = state_lib.initial(config, ds, train, ds.max_ranks(), [0], programs)
     batch = jax.device_put(pipeline.split_seeds(ds.batch(train[:32], layout="rank_major"), 1))
     y, w = jnp.zeros((1, 32, 1)), jnp.ones((1, 32))
     state, loss = programs.train_step(state, batch, y, w)

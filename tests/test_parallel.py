@@ -476,10 +476,12 @@ def _worker_steps(out: str, root: str) -> None:
     from gllora import parallel
     from gllora.io import dataset
     from gllora.train import loop, pipeline, tasks
+    from gllora.train import programs as programs_lib
+    from gllora.train import state as state_lib
 
     data, _ = write_data(root)
     ds = dataset.open(data)
-    splits = loop._splits(ds)
+    splits = loop.read_splits(ds)
     ranks = ds.max_ranks()
     report = {"kernel_spec": {}, "kernel_shard_fraction": {}}
 
@@ -487,10 +489,12 @@ def _worker_steps(out: str, root: str) -> None:
         config = config_for(data, shard_params=shard_params, num_seeds=2)
         targets = tasks.resolve(ds, tuple(config.targets), splits["train"])
         labels = tasks.encode(ds, targets)
-        model = loop.build_model(config, sum(t.num_outputs for t in targets))
-        programs = loop.Programs(config, model, targets, loop.make_optimizer(config, 10), mesh)
+        model = programs_lib.build_model(config, sum(t.num_outputs for t in targets))
+        programs = programs_lib.Programs(
+            config, model, targets, programs_lib.make_optimizer(config, 10), mesh
+        )
         seeds = [0, 1]
-        state = loop._initial_state(config, ds, splits["train"], ranks, seeds, programs)
+        state = state_lib.initial(config, ds, splits["train"], ranks, seeds, programs)
         source = pipeline.Source(ds, ranks, splits["train"], mesh)
         w = parallel.put(np.ones((2, 16), np.float32), parallel.split_along(mesh, 2, 1))
         losses = []

@@ -16,7 +16,8 @@ from jax.sharding import Mesh
 
 from gllora import parallel
 from gllora.io import dataset as dataset_lib
-from gllora.train import loop, pipeline, tasks
+from gllora.train import pipeline, tasks
+from gllora.train import results as results_lib
 from gllora.train.predictor import Predictor
 
 
@@ -44,7 +45,7 @@ def evaluate_workdir(
     ids = np.sort(ds.splits[split])
     labels = tasks.encode(ds, predictor.targets)
     source = pipeline.Source(ds, predictor.ranks, None, predictor.mesh)
-    per_seed = loop.evaluate_split(
+    per_seed = results_lib.evaluate_split(
         predictor._programs,
         predictor.params,
         predictor.consts,
@@ -58,5 +59,5 @@ def evaluate_workdir(
         "dataset": ds.path,
         "split": split,
         "per_seed": per_seed,
-        "summary": loop.mean_std(per_seed),
+        "summary": results_lib.mean_std(per_seed),
     }

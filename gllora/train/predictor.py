@@ -31,7 +31,9 @@ from gllora import lora as lora_lib
 from gllora import parallel
 from gllora.io import dataset as dataset_lib
 from gllora.lora import Lora
-from gllora.train import loop, tasks
+from gllora.train import programs as programs_lib
+from gllora.train import state as state_lib
+from gllora.train import tasks
 
 
 class Predictor:
@@ -40,7 +42,7 @@ class Predictor:
     def __init__(
         self,
         workdir: str,
-        programs: loop.Programs,
+        programs: programs_lib.Programs,
         spec: lora_lib.LoraSpec,
         ranks: list[int],
         params,
@@ -76,11 +78,13 @@ class Predictor:
         targets = [tasks.Target.from_json(t) for t in meta["targets"]]
         spec = dataset_lib.spec_from_json(meta["spec"], os.path.join(workdir, "targets.json"))
         ranks = meta["ranks"]
-        model = loop.build_model(config, sum(t.num_outputs for t in targets))
+        model = programs_lib.build_model(config, sum(t.num_outputs for t in targets))
         steps = 1  # the optimizer's structure does not depend on the schedule length
         mesh = parallel.local_mesh() if mesh is None else mesh
-        programs = loop.Programs(config, model, targets, loop.make_optimizer(config, steps), mesh)
-        abstract = loop.abstract_state(
+        programs = programs_lib.Programs(
+            config, model, targets, programs_lib.make_optimizer(config, steps), mesh
+        )
+        abstract = state_lib.abstract_state(
             programs, spec, ranks, meta["extras_sizes"], len(meta["seeds"])
         )
         # Restored onto this mesh, kernels split as in training where they divide evenly.
@@ -88,10 +92,10 @@ class Predictor:
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
-        manager = loop._checkpoint_manager(workdir)
+        manager = state_lib.checkpoint_manager(workdir)
         if manager.latest_step() is None:
             raise FileNotFoundError(f"{workdir}: no checkpoint yet; train first")
-        state = loop._restore(manager, target)
+        state = state_lib.restore(manager, target)
         return cls(
             workdir, programs, spec, ranks, state["best_params"], state["consts"], meta["seeds"]
         )
