@@ -6,12 +6,13 @@ batching, the step) streamed by the background thread, the same loop with the
 training split held in device memory, and the jitted step alone on one batch already
 in memory, side by side in one run.
 
-    python -m benchmarks.bench_train [--num 2000] [--epochs 2] [--dir /tmp/bench_train]
+    python -m benchmarks.bench_train [--num 2000] [--rounds 3] [--dir /tmp/bench_train]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import time
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.bench_models import M, N, NUM_LAYERS, R
+from benchmarks.bench_models import NUM_LAYERS, M, N, R
 from experiments.configs import default
 from gllora.io import dataset
 from gllora.train import loop, pipeline, tasks
@@ -57,21 +58,19 @@ def config_for(path: str, epochs: int, in_memory_gb: float):
     config.dataset, config.targets, config.model = path, ("score",), "glnet"
     config.num_epochs, config.num_seeds, config.batch_size = epochs, 1, 32
     config.in_memory_gb, config.progress = in_memory_gb, False
-    config.log_every_steps = 1000
+    config.log_every_steps = 8
     return config
 
 
-def time_loop(path: str, workdir: str, epochs: int, in_memory_gb: float) -> tuple[float, int]:
-    """Seconds and LoRAs of ``epochs`` training epochs, compile and setup excluded: the
-    difference between a run of ``1 + epochs`` epochs and a run of one epoch."""
-    seconds = []
-    for total in (1, 1 + epochs):
-        shutil.rmtree(workdir, ignore_errors=True)
-        t0 = time.perf_counter()
-        loop.train_and_evaluate(config_for(path, total, in_memory_gb), workdir)
-        seconds.append(time.perf_counter() - t0)
-    ds = dataset.open(path)
-    return seconds[1] - seconds[0], epochs * (len(ds.splits["train"]) // 32) * 32
+def loop_rate(path: str, workdir: str, in_memory_gb: float) -> float:
+    """LoRAs/s of the training loop: the median over the intervals that ``metrics.jsonl``
+    logs (every 8 steps), leaving out the first (compilation) and the ones that hold a
+    validation pass or a checkpoint (the median does)."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    loop.train_and_evaluate(config_for(path, 2, in_memory_gb), workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rates = [r["steps_per_second"] for r in map(json.loads, f) if r["split"] == "train"]
+    return 32 * float(np.median(rates[1:]))
 
 
 def time_step_alone(path: str, steps: int) -> float:
@@ -98,26 +97,29 @@ def time_step_alone(path: str, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=2000)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", default="/tmp/gllora_bench_train")
     args = parser.parse_args()
     data = os.path.join(args.dir, "data")
     write_dataset(data, args.num)
     gb = dataset.open(data).num_examples * 56 * (N + M) * R * 4 / 1e9
-    stream_s, n = time_loop(data, os.path.join(args.dir, "run_stream"), args.epochs, 0.0)
-    memory_s, _ = time_loop(data, os.path.join(args.dir, "run_memory"), args.epochs, 100.0)
-    step = time_step_alone(data, 60)
+    rates = {"stream": [], "memory": [], "step": []}
+    for _ in range(args.rounds):  # alternate, so load changes hit every path alike
+        rates["stream"].append(loop_rate(data, os.path.join(args.dir, "run_stream"), 0.0))
+        rates["memory"].append(loop_rate(data, os.path.join(args.dir, "run_memory"), 100.0))
+        rates["step"].append(time_step_alone(data, 40))
+    med = {k: float(np.median(v)) for k, v in rates.items()}
     print(
-        f"jax {jax.__version__}; {args.num} LoRAs ({gb:.1f} GB), GL-net width 16, 2 layers, head 256, batch 32"
+        f"jax {jax.__version__}; {args.num} LoRAs ({gb:.1f} GB), GL-net width 16, 2 layers, "
+        f"head 256, batch 32; median of {args.rounds} alternating rounds"
     )
     print(f"{'path':<44} {'LoRAs/s':>9} {'vs step alone':>14}")
-    for name, rate in (
-        ("whole loop, streamed from the shards", n / stream_s),
-        ("whole loop, training split in memory", n / memory_s),
-        ("train step alone (one batch, in memory)", step),
+    for key, name in (
+        ("stream", "whole loop, streamed from the shards"),
+        ("memory", "whole loop, training split in memory"),
+        ("step", "train step alone (one batch, in memory)"),
     ):
-        print(f"{name:<44} {rate:>9,.0f} {rate / step:>13.2f}x")
-    print("(whole-loop figures include one validation pass and one checkpoint per epoch)")
+        print(f"{name:<44} {med[key]:>9,.0f} {med[key] / med['step']:>13.2f}x")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from gllora.io._dataset_schema import (
 )
 from gllora.io._dataset_shards import (
     Mapped,
+    aligned_empty,
     check_shard,
     consecutive_runs,
     gather_leading,
@@ -209,7 +210,7 @@ class Dataset:
         us, vs, rank_out = [], [], []
         for gi, group in enumerate(self.spec.groups):
             k, r = len(group.names), ranks[gi]
-            rank = np.empty((B, k), np.int32)
+            rank = aligned_empty((B, k), np.int32)
             for si, mapped, runs, pos, rws in plan:
                 got = mapped.tensors[f"g{gi}.rank"][rws]
                 rs = int(self._ranks[si, gi])
@@ -233,7 +234,7 @@ class Dataset:
             for name in names:
                 key = f"extra.{kind}.{name}"
                 size = self._headers[plan[0][0]].entries[key].shape[1]
-                x = np.empty((B, size), np.float32)
+                x = aligned_empty((B, size))
                 for si, mapped, runs, pos, rws in plan:
                     x[pos] = mapped.tensors[key][rws]
                 extras[kind][name] = x if layout == "leading" else np.ascontiguousarray(x.T)

@@ -22,6 +22,7 @@ from gllora.lora import LoraSpec
 # rank_major batches are transposed through a buffer of _CHUNK_BYTES for _BLOCK_EXAMPLES
 # examples at a time (measured best of 8-128 examples, 0.5-4 MB, at Qwen2 k/v shapes).
 _CHUNK_BYTES = 2 << 20
+_ALIGN = 64  # bytes: XLA's CPU buffers are 64-byte aligned
 _BLOCK_EXAMPLES = 16
 
 
@@ -154,11 +155,27 @@ def consecutive_runs(rows: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, 
     return [(int(rows[s]), int(dst[s]), int(e - s)) for s, e in zip(starts, ends)]
 
 
+def aligned_empty(shape: tuple[int, ...], dtype=np.float32, zero: bool = False) -> np.ndarray:
+    """An uninitialised (or zeroed) array whose data starts on a 64-byte boundary.
+
+    ``jax.device_put`` on a CPU can then use the buffer as it is instead of copying it:
+    for a 51 MB batch of 32 Qwen2-1.5B k/v LoRAs, 0.6 ms instead of 34 ms here
+    (numpy's own allocations are only 16-byte aligned).
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    offset = (-raw.ctypes.data) % _ALIGN
+    out = raw[offset : offset + nbytes].view(dtype).reshape(shape)
+    if zero:
+        out.fill(0)
+    return out
+
+
 def gather_leading(plan, gi, what, B, k, size, r) -> np.ndarray:
     """Factor ``what`` (``"u"`` or ``"v"``) of group ``gi`` for a batch in the leading
     layout, ``[B, k, size, r]``, from ``plan``: ``(shard, Mapped, runs, batch
     positions, rows)`` per shard read."""
-    out = np.zeros((B, k, size, r), np.float32)
+    out = aligned_empty((B, k, size, r), zero=True)
     for si, mapped, runs, _, _ in plan:
         src = mapped.tensors[f"g{gi}.{what}"]
         rs = src.shape[-1]
@@ -179,7 +196,7 @@ def gather_rank_major(plan, ranks, gi, what, B, k, size, r) -> np.ndarray:
     # buffer, then moved by one transposing copy per chunk, each row of r floats as
     # one opaque element (numpy copies those several times faster than r floats).
     K = k * size
-    out = np.empty((k, size, B, r), np.float32)
+    out = aligned_empty((k, size, B, r))
     row_type = np.dtype((np.void, 4 * r))
     dst = out.reshape(K, B, r).view(row_type)[..., 0]  # [K, B]
     sources = [
