@@ -25,10 +25,16 @@ NUM_LAYERS, N, M, R = 28, 256, 1536, 4
 
 def qwen_kv_lora(seed: int) -> Lora:
     rng = np.random.default_rng(seed)
-    return Lora.from_factors({
-        f"model.layers.{i}.self_attn.{p}_proj": (rng.normal(size=(N, R)).astype(np.float32) * 0.01,
-                                                  rng.normal(size=(M, R)).astype(np.float32) * 0.01)
-        for i in range(NUM_LAYERS) for p in ("k", "v")})
+    return Lora.from_factors(
+        {
+            f"model.layers.{i}.self_attn.{p}_proj": (
+                rng.normal(size=(N, R)).astype(np.float32) * 0.01,
+                rng.normal(size=(M, R)).astype(np.float32) * 0.01,
+            )
+            for i in range(NUM_LAYERS)
+            for p in ("k", "v")
+        }
+    )
 
 
 def timeit(fn, *args, seconds: float) -> tuple[float, float]:
@@ -67,8 +73,10 @@ def main() -> None:
     params = variables["params"]
     rest = {k: v for k, v in variables.items() if k != "params"}
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {jax.device_count()} device(s); "
-          f"GL-net width 16, 2 equivariant layers, head 256: {n_params / 1e6:.2f}M parameters; batch {B}")
+    print(
+        f"jax {jax.__version__}, {jax.devices()[0].platform}, {jax.device_count()} device(s); "
+        f"GL-net width 16, 2 equivariant layers, head 256: {n_params / 1e6:.2f}M parameters; batch {B}"
+    )
     y = jnp.zeros((B, 1))
     tx = optax.adamw(1e-3)
     opt_state = tx.init(params)
@@ -83,41 +91,63 @@ def main() -> None:
 
         def train_step(p, s, x, key, axes=axes):
             def loss_fn(p):
-                out = jax.vmap(lambda xi, k: model.apply({"params": p, **rest}, xi, train=True,
-                                                         rngs={"dropout": k}),
-                               in_axes=(axes, 0))(x, jax.random.split(key, B))
+                out = jax.vmap(
+                    lambda xi, k: model.apply(
+                        {"params": p, **rest}, xi, train=True, rngs={"dropout": k}
+                    ),
+                    in_axes=(axes, 0),
+                )(x, jax.random.split(key, B))
                 return jnp.mean((out - y) ** 2)
+
             loss, grads = jax.value_and_grad(loss_fn)(p)
             updates, s = tx.update(grads, s, p)
             return optax.apply_updates(p, updates), s, loss
 
         c_inf, t_inf = timeit(jax.jit(predict), params, batch, seconds=args.seconds)
         step = jax.jit(train_step)
-        c_tr, t_tr = timeit(lambda *a: step(*a)[2], params, opt_state, batch, jax.random.key(1),
-                            seconds=args.seconds)
+        c_tr, t_tr = timeit(
+            lambda *a: step(*a)[2],
+            params,
+            opt_state,
+            batch,
+            jax.random.key(1),
+            seconds=args.seconds,
+        )
         rows.append((layout, B / t_inf, B / t_tr, c_inf, c_tr))
 
-    print(f"\n{'layout':<11} {'inference LoRAs/s':>18} {'train step LoRAs/s':>19} "
-          f"{'compile inf (s)':>16} {'compile train (s)':>18}")
+    print(
+        f"\n{'layout':<11} {'inference LoRAs/s':>18} {'train step LoRAs/s':>19} "
+        f"{'compile inf (s)':>16} {'compile train (s)':>18}"
+    )
     for layout, inf, tr, ci, ct in rows:
         print(f"{layout:<11} {inf:>18,.0f} {tr:>19,.0f} {ci:>16.2f} {ct:>18.2f}")
-    print(f"rank_major / leading: inference x{rows[1][1] / rows[0][1]:.2f}, train x{rows[1][2] / rows[0][2]:.2f}")
+    print(
+        f"rank_major / leading: inference x{rows[1][1] / rows[0][1]:.2f}, train x{rows[1][2] / rows[0][2]:.2f}"
+    )
 
     batch = jax.device_put(stack(loras))
     svd = jax.jit(lambda b: features.singular_values(b.u[0], b.v[0]))
     c_svd, t_svd = timeit(svd, batch, seconds=args.seconds)
-    print(f"\nSVD featurizer (thin QRs + r x r SVD, 56 modules): {B / t_svd:,.0f} LoRAs/s "
-          f"(compile {c_svd:.2f} s)")
+    print(
+        f"\nSVD featurizer (thin QRs + r x r SVD, 56 modules): {B / t_svd:,.0f} LoRAs/s "
+        f"(compile {c_svd:.2f} s)"
+    )
 
     flops, bandwidth = machine_limits(args.seconds)
     # GL-net forward FLOPs per LoRA: the two equivariant layers and the head.
-    per_lora = 2 * 56 * R * 16 * (N + M) + 2 * 56 * R * 16 * 32 + 2 * 56 * 16 * 16 * R + 2 * 56 * 256 * 256
+    per_lora = (
+        2 * 56 * R * 16 * (N + M) + 2 * 56 * R * 16 * 32 + 2 * 56 * 16 * 16 * R + 2 * 56 * 256 * 256
+    )
     read = 56 * (N + M) * R * 4
     inf = rows[1][1]
-    print(f"\nmachine: {flops / 1e9:,.0f} GFLOP/s (2048^2 fp32 matmul), {bandwidth / 1e9:,.1f} GB/s (streaming read)")
-    print(f"GL-net forward: {per_lora / 1e6:.1f} MFLOP and {read / 1e6:.2f} MB of factors per LoRA -> "
-          f"at {inf:,.0f} LoRAs/s: {inf * per_lora / 1e9:,.1f} GFLOP/s ({inf * per_lora / flops:.0%} of matmul peak), "
-          f"{inf * read / 1e9:,.1f} GB/s ({inf * read / bandwidth:.0%} of bandwidth)")
+    print(
+        f"\nmachine: {flops / 1e9:,.0f} GFLOP/s (2048^2 fp32 matmul), {bandwidth / 1e9:,.1f} GB/s (streaming read)"
+    )
+    print(
+        f"GL-net forward: {per_lora / 1e6:.1f} MFLOP and {read / 1e6:.2f} MB of factors per LoRA -> "
+        f"at {inf:,.0f} LoRAs/s: {inf * per_lora / 1e9:,.1f} GFLOP/s ({inf * per_lora / flops:.0%} of matmul peak), "
+        f"{inf * read / 1e9:,.1f} GB/s ({inf * read / bandwidth:.0%} of bandwidth)"
+    )
 
 
 if __name__ == "__main__":
