@@ -1,0 +1,204 @@
+"""Tests of the section 5 reproduction (experiments/reproduce.py, experiments/repro/).
+
+Fast: equation 38 against a direct simulation and the paper's own numbers, the
+summing strategy, the configs, the Figure 5 memory plan, and the report writer on
+synthetic results (every table and plot). Slow (CI's second step): the whole
+reproduction at the ``tiny`` size, then again to check that everything is reused.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from scipy.special import comb
+
+from experiments.configs import paper as paper_config
+from experiments.repro import analysis, paper, registry, report, runner, timing
+
+BINOM = np.array([comb(10, k) for k in range(11)]) / 2.0**10
+NONEMPTY = np.where(np.arange(11) > 0, BINOM, 0.0) / (1 - BINOM[0])  # the digit subsets
+
+
+@pytest.mark.parametrize("p", [0.5, 0.656, 0.904, 0.99])
+@pytest.mark.parametrize("probs", [NONEMPTY, np.full(11, 1 / 11)], ids=["subsets", "uniform"])
+def test_eq38_matches_a_direct_simulation(p, probs):
+    num = 200_000
+    simulated = analysis.simulate_sum_accuracy(p, probs, num, np.random.default_rng(0))
+    exact = analysis.eq38_accuracy(p, probs)
+    sigma = np.sqrt(exact * (1 - exact) / num)
+    assert abs(simulated - exact) < 5 * sigma, (simulated, exact)
+
+
+def test_eq38_reproduces_the_papers_numbers_and_limits():
+    # Appendix D.3: p = .904 -> 46.1 %, p = .656 -> "21 %" (each class present w.p. 1/2).
+    assert round(100 * analysis.eq38_accuracy(0.904, BINOM), 1) == 46.1
+    assert int(100 * analysis.eq38_accuracy(0.656, BINOM)) == 21  # 21.5 %, "21 %"
+    assert analysis.eq38_accuracy(1.0, NONEMPTY) == pytest.approx(1.0)
+    # p = 0: every bit flipped, the sum is 10 - s, right only when s = 5.
+    assert analysis.eq38_accuracy(0.0, NONEMPTY) == pytest.approx(NONEMPTY[5])
+    with pytest.raises(ValueError, match="probability"):
+        analysis.eq38_accuracy(1.5, NONEMPTY)
+    with pytest.raises(ValueError, match="probability vector"):
+        analysis.eq38_accuracy(0.9, [0.5, 0.6])
+
+
+def test_sum_strategy_and_size_distribution():
+    truth = np.array([[1, 0, 1], [0, 0, 1], [1, 1, 1]], bool)
+    sizes = truth.sum(1)
+    perfect = np.where(truth, 2.0, -2.0)[None]
+    swapped = perfect.copy()
+    swapped[0, 0, :2] *= -1  # one false negative and one false positive: same sum
+    one_off = perfect.copy()
+    one_off[0, 1, 0] = 3.0  # one false positive
+    logits = np.concatenate([perfect, swapped, one_off])  # three "seeds"
+    np.testing.assert_allclose(analysis.sum_strategy_accuracy(logits, sizes), [1, 1, 2 / 3])
+    np.testing.assert_allclose(analysis.size_distribution(sizes, 3), [0, 1 / 3, 1 / 3, 1 / 3])
+    with pytest.raises(ValueError, match="sizes"):
+        analysis.size_distribution([4], 3)
+
+
+def test_paper_configs():
+    for experiment in paper_config.FAMILY:
+        for model in paper_config.MODELS:
+            config = paper_config.get_config(f"{experiment}:{model}:quick")
+            assert config.model == model and config.num_seeds == 3
+            assert tuple(config.targets) == paper_config.TARGETS[experiment]
+    paper_size = paper_config.get_config("sources:glnet")
+    assert paper_size.num_epochs == 60 and paper_size.optimizer == "adamw"
+    for bad in ("quality", "quality:resnet", "nope:glnet", "quality:glnet:huge"):
+        with pytest.raises(ValueError):
+            paper_config.get_config(bad)
+
+
+def test_figure5_memory_plan():
+    layers, d = timing.GPT3["175B"]
+    dense = timing.plan("mlp_dense", layers, d, 6 << 30, 64, 64, {})
+    assert dense["forward_batch"] == 0  # 175B dense products cannot fit in 6 GB
+    layers, d = timing.GPT3["125M"]
+    glnet = timing.plan("glnet", layers, d, 6 << 30, 64, 64, {})
+    assert glnet["forward_batch"] == 64 and glnet["params_mb"] < 64
+
+
+def _results(target: str, task: str, rng) -> dict:
+    def metrics():
+        if task == "regression":
+            keys = ("mse", "r2", "kendall_tau", "loss")
+        else:
+            keys = ("loss", "accuracy")
+        return {k: {"mean": float(rng.uniform()), "std": 0.01} for k in keys}
+
+    return {
+        "targets": [target],
+        "summary": {s: {target: metrics()} for s in ("train", "validation", "test")},
+    }
+
+
+def test_report_has_every_table_plot_and_finding(tmp_path):
+    rng = np.random.default_rng(0)
+    size = registry.SIZES["tiny"]
+    runs = {}
+    for name, e in registry.EXPERIMENTS.items():
+        task = "regression" if name in ("quality", "val_loss", "challenge_acc") else "x"
+        runs[name] = {m: _results(e.targets[0], task, rng) for m in registry.MODELS}
+    seeds = lambda: list(rng.uniform(0.4, 0.9, 2))
+    fig4 = {
+        m: {r: {"accuracy": seeds(), "loss": seeds()} for r in size.ranks} for m in registry.MODELS
+    }
+    fig4["mlp"][8] = None
+    d3 = {m: {"p": seeds(), "eq38": seeds(), "sum": seeds(), "size_probs": list(NONEMPTY),
+              "num_test": 8} for m in registry.MODELS}  # fmt: skip
+    fig5 = []
+    for g in size.gpt3:
+        for m in registry.MODELS:
+            ok = not (m == "mlp_dense" and g == "350M")
+            row = {
+                "model": m,
+                "gpt3": g,
+                "status": "ok" if ok else "oom",
+                "settings": {"forward": 16},
+            }
+            if ok:
+                row.update(preprocess_s=0.1, forward_s=1.0, forward_batch=8,
+                           preprocess_peak_mb=10.0, forward_peak_mb=20.0)  # fmt: skip
+            else:
+                row["reason"] = "needs >= 9.9 GB (cap 2 GB)"
+            fig5.append(row)
+    state = {
+        "size": size, "out": str(tmp_path), "models": registry.MODELS, "runs": runs,
+        "d3": d3, "fig4": fig4, "fig5": fig5, "paths": {}, "log": runner.Log(str(tmp_path)),
+        "seconds": 1.0, "parts": ("tables", "figure4", "figure5"),
+        "chance": {"attributes": 0.6, "membership": 0.5, "dataset_size": 0.25, "sources": 0.5},
+    }  # fmt: skip
+    path = report.write(state)
+    with open(path) as f:
+        text = f.read()
+    for heading in ("Table 2", "Table 3 (left)", "Table 3 (right)", "Table 4", "Appendix D.3",
+                    "Table 5", "Figure 4", "Figure 5", "Findings", "Commands"):  # fmt: skip
+        assert heading in text, heading
+    assert len(state["findings"]) == 6
+    assert all(
+        f["verdict"] in ("holds", "partly holds", "does not hold") for f in state["findings"]
+    )
+    assert "OOM" in text and "46.1" in text  # an out-of-memory row; the paper's D.3 number
+    for png in ("figure4_accuracy", "figure4_loss", "figure5_preprocess", "figure5_forward",
+                "figure5_memory"):  # fmt: skip
+        assert os.path.getsize(tmp_path / f"{png}.png") > 1000
+    assert paper.MODEL_NAMES["glnet"] in report.summary(state)
+
+
+SMOKE_MODELS = ("mlp", "glnet")
+
+
+@pytest.mark.slow
+def test_tiny_reproduction_writes_every_table_and_plot_and_resumes(tmp_path):
+    from experiments.repro import pipeline
+
+    out = tmp_path / "out"
+    # Two models keep CI's slow step bounded (~8 min); the tables and plots are the same.
+    run = lambda: pipeline.reproduce(
+        "tiny", str(out), cache_dir=str(tmp_path / "cache"), models=SMOKE_MODELS, quiet=True
+    )
+    state = run()
+    with open(state["report"]) as f:
+        text = f.read()
+    for heading in ("Table 2", "Table 3 (left)", "Table 3 (right)", "Table 4", "Appendix D.3",
+                    "Table 5", "Figure 4", "Figure 5", "Findings"):  # fmt: skip
+        assert heading in text, heading
+    for png in ("figure4_accuracy", "figure4_loss", "figure5_preprocess", "figure5_forward",
+                "figure5_memory"):  # fmt: skip
+        assert (out / f"{png}.png").exists()
+    assert len(state["runs"]) == 7 and all(len(r) == 2 for r in state["runs"].values())
+    assert {row["model"] for row in state["fig5"]} == set(SMOKE_MODELS)
+    # Run again: every dataset, run and measurement is reused, the report the same tables.
+    again = run()
+    statuses = {c["status"] for c in again["log"].commands}
+    assert statuses == {"reused"}, statuses
+    assert again["runs"]["attributes"]["glnet"] == state["runs"]["attributes"]["glnet"]
+
+
+def test_unknown_experiment_model_or_part_fails_before_any_work(tmp_path):
+    from experiments.repro import pipeline
+
+    for kwargs in ({"experiments": ("quality", "nope")}, {"models": ("resnet",)},
+                   {"parts": ("tables", "figure9")}):  # fmt: skip
+        with pytest.raises(ValueError, match="unknown experiments"):
+            pipeline.reproduce("tiny", str(tmp_path / "out"), quiet=True, **kwargs)
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_findings_of_experiments_not_run_say_so():
+    runs = {"attributes": {m: _results("attributes", "x", np.random.default_rng(1))
+                           for m in registry.MODELS}}  # fmt: skip
+    found = {f["finding"]: f["verdict"] for f in
+             report.findings.all_findings(runs, registry.MODELS, {}, {}, {}, [])}  # fmt: skip
+    verdicts = list(found.values())
+    assert verdicts[2].startswith("not tested") and verdicts[5].startswith("not tested")
+    assert not verdicts[1].startswith("not tested")  # attributes alone decides it
+    state = {"size": registry.SIZES["quick"], "out": "o", "models": ("glnet",),
+             "experiments": ("attributes",), "parts": ("tables",)}  # fmt: skip
+    assert report.command(state) == (
+        "python -m experiments.reproduce --size=quick --out=o --experiments=attributes "
+        "--parts=tables --models=glnet"
+    )
