@@ -13,6 +13,7 @@ from gllora.train import Predictor
 __all__ = [
     "Lora",
     "LoraSpec",
+    "Predictor",
     "features",
     "group",
     "in_axes",
