@@ -1,0 +1,1 @@
+"""The section 5 reproduction: registry, runner, workers, analyses, timing, report."""
