@@ -138,6 +138,20 @@ class _MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def _warn_of_known_stall(model: str) -> None:
+    """MLP + SVD training can stall on jaxlib 0.10.2's multi-threaded CPU runtime
+    (BUILD_NOTES.md, "Known limits"); a process pinned to one core does not."""
+    import jax
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if model == "mlp_svd" and jax.default_backend() == "cpu" and cores > 1:
+        logging.warning(
+            "mlp_svd on a %d-core CPU: jaxlib 0.10.2 can stall this training at 0%% CPU; "
+            "if it stops making progress, run it pinned to one core (taskset -c 0 ...).",
+            cores,
+        )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains ``config.num_seeds`` models and returns (and writes) the results.
 
@@ -150,6 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       The contents of ``results.json``.
     """
     check_config(config)
+    _warn_of_known_stall(str(config.model))
     mesh = parallel.make_mesh(int(config.get("num_devices", 0)))
     main = parallel.is_main_process()
     os.makedirs(workdir, exist_ok=True)
