@@ -231,11 +231,12 @@ def run_all(size, out: str, cores: list[int], log, models, timeout_s: float = 18
         args = [sys.executable, "-m", "experiments.repro.timing", f"--model={model}"]
         args += [f"--gpt3={name}"] + [f"--{k}={v}" for k, v in settings.items()]
         core = free.get()
-        pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
+        if core is not None:  # the child pins itself: a preexec_fn would fork this JAX process
+            args.append(f"--core={core}")
         start = time.perf_counter()
         try:
             proc = subprocess.run(
-                args, check=False, capture_output=True, text=True, timeout=timeout_s, preexec_fn=pin
+                args, check=False, capture_output=True, text=True, timeout=timeout_s
             )
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if lines:
@@ -265,6 +266,8 @@ def run_all(size, out: str, cores: list[int], log, models, timeout_s: float = 18
 
 def main(argv: list[str]) -> None:
     args = dict(a.lstrip("-").split("=", 1) for a in argv[1:])
+    if "core" in args and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(args["core"])})  # before JAX starts its threads
     try:
         result = measure(
             args["model"],
