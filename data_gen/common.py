@@ -32,7 +32,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import flags, logging
+from absl import app, flags, logging
 from jax.sharding import Mesh
 
 from gllora import parallel
@@ -61,6 +61,23 @@ def define_flags() -> None:
     flags.DEFINE_integer("chunk", None, "LoRAs finetuned at once (default: the family's).")
     flags.DEFINE_string("base_config", "default", "Base-model preset ('tiny' for tests).")
     flags.DEFINE_bool("overwrite", False, "Replace an existing dataset folder.")
+
+
+def entrypoint(run: Callable[..., Any]) -> Callable[[list[str]], None]:
+    """Defines the common flags and returns the absl ``main`` of a generator whose
+    ``run(out, size, seed, rank, cache_dir, regenerate, chunk, base_config, overwrite)``
+    writes its dataset folder."""
+    define_flags()
+
+    def main(argv: list[str]) -> None:
+        del argv
+        f = flags.FLAGS
+        if not f.out:
+            raise app.UsageError("--out is required")
+        run(f.out, f.size, f.seed, f.rank, f.cache_dir, f.regenerate, f.chunk,
+            f.base_config, f.overwrite)  # fmt: skip
+
+    return main
 
 
 def parse_size(size: str | int, sizes: Mapping[str, int]) -> int:

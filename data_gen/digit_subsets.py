@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 
 from data_gen import common
 from data_gen import diffusion as D
@@ -223,25 +223,7 @@ def run(
     return stats
 
 
-common.define_flags()
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-    del argv
-    if not FLAGS.out:
-        raise app.UsageError("--out is required")
-    run(
-        FLAGS.out,
-        FLAGS.size,
-        FLAGS.seed,
-        FLAGS.rank,
-        FLAGS.cache_dir,
-        FLAGS.regenerate,
-        FLAGS.chunk,
-        FLAGS.base_config,
-        FLAGS.overwrite,
-    )
+main = common.entrypoint(run)
 
 
 if __name__ == "__main__":
