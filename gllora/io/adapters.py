@@ -45,9 +45,20 @@ from typing import Any
 
 import numpy as np
 
-from gllora.io import _common, _diffusers, _kohya, _peft
+from gllora._lora import Lora
 from gllora.io._safetensors import Header, TensorReader, parse_metadata, read_header
-from gllora.lora import Lora
+from gllora.io.formats import (
+    common as _common,
+)
+from gllora.io.formats import (
+    diffusers as _diffusers,
+)
+from gllora.io.formats import (
+    kohya as _kohya,
+)
+from gllora.io.formats import (
+    peft as _peft,
+)
 
 __all__ = ["AdapterInfo", "ModuleInfo", "inspect", "load_adapter"]
 

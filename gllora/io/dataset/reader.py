@@ -16,15 +16,16 @@ from typing import Any, Self
 
 import numpy as np
 
+from gllora._lora import Lora
 from gllora.io import _safetensors
-from gllora.io._dataset_labels import read_labels, read_splits
-from gllora.io._dataset_schema import (
+from gllora.io.dataset.labels import read_labels, read_splits
+from gllora.io.dataset.schema import (
     check_target_kinds,
     check_targets,
     read_schema,
     spec_from_json,
 )
-from gllora.io._dataset_shards import (
+from gllora.io.dataset.shards import (
     Mapped,
     aligned_empty,
     check_shard,
@@ -32,9 +33,8 @@ from gllora.io._dataset_shards import (
     gather_leading,
     gather_rank_major,
 )
-from gllora.lora import Lora
+from gllora.spec import check_layout
 
-LAYOUTS = ("leading", "rank_major")
 _MAX_MAPPED_SHARDS = 64  # shards kept mapped at once (each map holds a file descriptor)
 
 
@@ -176,8 +176,7 @@ class Dataset:
             disagree with its stored rank (naming the shard).
         """
         idx = self._check_indices(indices)
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown batch layout {layout!r}; known: {LAYOUTS}")
+        check_layout(layout)
         shard_ids, rows = self._shard_of[idx], self._row_of[idx]
         stored = self._ranks[shard_ids]  # [B, groups]
         num_groups = len(self.spec.groups)

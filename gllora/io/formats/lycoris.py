@@ -45,8 +45,8 @@ import math
 
 import numpy as np
 
-from gllora.io import _common
 from gllora.io._safetensors import Header
+from gllora.io.formats import common as _common
 
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")

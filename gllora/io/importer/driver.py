@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gllora.io import adapters, dataset
-from gllora.io._import_inputs import (
+from gllora.io.importer.inputs import (
     TAG_PREFIX,
     TAGS_KEY,
     ImportAdaptersError,
@@ -30,7 +30,7 @@ from gllora.io._import_inputs import (
     read_metadata,
     scalar_kind,
 )
-from gllora.io._import_structures import (
+from gllora.io.importer.structures import (
     Module,
     differences,
     extras_spec,

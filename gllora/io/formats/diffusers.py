@@ -25,8 +25,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from gllora.io import _common
 from gllora.io._safetensors import Header
+from gllora.io.formats import common as _common
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
 METADATA_KEY = "lora_adapter_metadata"

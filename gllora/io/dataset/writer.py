@@ -16,8 +16,9 @@ from typing import Any, Self
 
 import numpy as np
 
-from gllora.io._dataset_labels import check_labels, make_splits, write_labels
-from gllora.io._dataset_schema import (
+from gllora._lora import Lora
+from gllora.io.dataset.labels import check_labels, make_splits, write_labels
+from gllora.io.dataset.schema import (
     FORMAT,
     VERSION,
     check_extras,
@@ -27,8 +28,8 @@ from gllora.io._dataset_schema import (
     spec_from_modules,
     spec_to_json,
 )
-from gllora.io._dataset_shards import write_blocks
-from gllora.lora import Lora, LoraSpec
+from gllora.io.dataset.shards import write_blocks
+from gllora.spec import LoraSpec
 
 _SHARD_BYTES = 128 << 20  # target shard size; a shard is written when its buffer reaches it
 

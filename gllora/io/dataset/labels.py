@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gllora.io._dataset_schema import check_target_kinds
+from gllora.io.dataset.schema import check_target_kinds
 
 # -- label columns ----------------------------------------------------------------------
 

@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import os
 
-from gllora.io._dataset_reader import LAYOUTS, Dataset, jax_free_unbatch
-from gllora.io._dataset_schema import FORMAT, KINDS, TASKS, VERSION, spec_from_json, spec_to_json
-from gllora.io._dataset_writer import DatasetWriter
+from gllora.io.dataset.reader import Dataset, jax_free_unbatch
+from gllora.io.dataset.schema import FORMAT, KINDS, TASKS, VERSION, spec_from_json, spec_to_json
+from gllora.io.dataset.writer import DatasetWriter
+from gllora.spec import LAYOUTS
 
 __all__ = [
     "FORMAT",

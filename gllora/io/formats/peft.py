@@ -23,8 +23,8 @@ import json
 import os
 from typing import Any
 
-from gllora.io import _common
 from gllora.io._safetensors import Header
+from gllora.io.formats import common as _common
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"

@@ -21,8 +21,9 @@ import math
 import re
 from collections.abc import Callable
 
-from gllora.io import _common, _lycoris
 from gllora.io._safetensors import Header
+from gllora.io.formats import common as _common
+from gllora.io.formats import lycoris as _lycoris
 
 _KEY = re.compile(r"(lora_(unet|te\d*|transformer)|lycoris)_\w+\.")
 _LORA = {"lora_down.weight": "down", "lora_up.weight": "up"}

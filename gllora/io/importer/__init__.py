@@ -57,8 +57,8 @@ padded exactly when batched) must agree across adapters. ``on_mismatch`` chooses
 
 from __future__ import annotations
 
-from gllora.io._import_driver import MISMATCH_POLICIES, ImportResult, Skipped, import_adapters
-from gllora.io._import_inputs import (
+from gllora.io.importer.driver import MISMATCH_POLICIES, ImportResult, Skipped, import_adapters
+from gllora.io.importer.inputs import (
     ImportAdaptersError,
     LabelsTable,
     find_adapters,

@@ -18,7 +18,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from gllora.io import _dataset_schema, dataset
+from gllora.io import dataset
+from gllora.io.dataset import schema as _dataset_schema
 
 _LEGACY = (".bin", ".pt", ".pth", ".ckpt")
 TAGS_KEY = "ss_tag_frequency"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from gllora.lora import GroupSpec, LoraSpec
+from gllora.spec import GroupSpec, LoraSpec
 
 FORMAT = "gllora.dataset"
 VERSION = 1

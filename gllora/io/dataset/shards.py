@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from gllora.io import _safetensors
-from gllora.lora import LoraSpec
+from gllora.spec import LoraSpec
 
 # rank_major batches are transposed through a buffer of _CHUNK_BYTES for _BLOCK_EXAMPLES
 # examples at a time (measured best of 8-128 examples, 0.5-4 MB, at Qwen2 k/v shapes).
@@ -54,8 +54,7 @@ def write_blocks(path: str, blocks: Sequence[Mapping[str, np.ndarray]]) -> None:
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
         for key in keys:
-            for b in blocks:
-                f.write(np.ascontiguousarray(b[key]).data)
+            f.writelines(np.ascontiguousarray(b[key]).data for b in blocks)
 
 
 # -- reading ------------------------------------------------------------------------
