@@ -604,8 +604,11 @@ def test_peft_folder_problems(tmp_path, read):
     assert str(folder) in str(e.value)
 
     folder = copy_peft("peft_llm/dora", tmp_path)
-    edit_config(folder, peft_type="LOHA")
-    with pytest.raises(ValueError, match="peft_type 'LOHA'"):
+    edit_config(folder, peft_type="VERA")
+    with pytest.raises(ValueError, match="peft_type 'VERA' is not a low-rank adapter.*seed"):
+        read(folder)
+    edit_config(folder, peft_type="PROMPT_TUNING")
+    with pytest.raises(ValueError, match="peft_type 'PROMPT_TUNING' is not supported.*LOKR"):
         read(folder)
 
     folder = copy_peft("peft_llm/lora_embedding", tmp_path)

@@ -22,7 +22,8 @@ import math
 import os
 import re
 import struct
-from typing import Any, Self
+import threading
+from typing import Any, NamedTuple, Self
 
 import numpy as np
 
@@ -53,12 +54,13 @@ _DTYPES: dict[str, tuple[int, str | None]] = {
     "F4": (4, None),
 }
 
+_BITS = {name: bits for name, (bits, _) in _DTYPES.items()}
+
 #: dtypes a LoRA factor may have (read as float32 or float64).
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
     """One tensor of the header: its dtype name, shape and absolute byte range."""
 
     key: str
@@ -77,12 +79,14 @@ class Header:
       entries: tensor key -> entry, in header order.
       metadata: the raw ``__metadata__`` dict (``{}`` when absent).
       file_size: size of the file in bytes.
+      raw: the header's JSON bytes (what makes two headers the same).
     """
 
     path: str
     entries: dict[str, TensorEntry]
     metadata: dict[str, str]
     file_size: int
+    raw: bytes | None = None
 
 
 def _fail(path: str, msg: str) -> ValueError:
@@ -90,16 +94,22 @@ def _fail(path: str, msg: str) -> ValueError:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return out
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+#: bytes read at once for a header: most adapter headers fit, so one read() suffices
+_FIRST_READ = 1 << 16
 
 
 def read_header(path: str | os.PathLike) -> Header:
@@ -111,29 +121,126 @@ def read_header(path: str | os.PathLike) -> Header:
         well-formed safetensors file.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            what = "is empty" if size == 0 else f"has only {size} bytes"
-            raise _fail(path, f"not a safetensors file: it {what} (a header length takes 8)")
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length == 0 or length > size - 8 or length > _MAX_HEADER_BYTES:
-            raise _fail(
-                path,
-                f"not a safetensors file or truncated: the header length {length} runs past "
-                f"the end of the file ({size} bytes)"
-                if length > size - 8
-                else f"not a safetensors file: implausible header length {length}",
-            )
-        raw = f.read(length)
-    if len(raw) != length:
+        head = f.read(min(size, _FIRST_READ))
+        length = _header_length(path, head, size)
+        if 8 + length > len(head):
+            head += f.read(8 + length - len(head))
+    if len(head) < 8 + length:
         raise _fail(path, f"truncated while reading the {length}-byte header")
+    return parse_header(path, memoryview(head)[8 : 8 + length], size)
+
+
+def read_file(
+    path: str | os.PathLike, reuse: ReadBuffer | None = None
+) -> tuple[Header, np.ndarray]:
+    """The validated header and every byte of the file, read with one ``readinto``.
+
+    Args:
+      path: the file.
+      reuse: read into this buffer (grown as needed) instead of a new array, which
+        spares the page faults of fresh memory; the result is then only valid until
+        the buffer's next use.
+
+    Returns:
+      ``(header, data)``: ``data`` is a ``uint8`` array of the whole file (64-byte
+      aligned), so that :func:`view` gives each tensor without a copy.
+    """
+    path = os.fspath(path)
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = _aligned_bytes(size) if reuse is None else reuse.get(size)
+        got = f.readinto(data)
+        while got < size:  # readinto may return short reads on some filesystems
+            more = f.readinto(memoryview(data)[got:])
+            if not more:
+                break
+            got += more
+    if got < size:
+        raise _fail(path, f"the file is shorter than its size ({got} of {size} bytes read)")
+    length = _header_length(path, data[:8].tobytes(), size)
+    return parse_header(path, memoryview(data)[8 : 8 + length], size), data
+
+
+class ReadBuffer(threading.local):
+    """A per-thread byte buffer that :func:`read_file` reads into, reused across files."""
+
+    def __init__(self):
+        self._data = _aligned_bytes(0)
+
+    def get(self, size: int) -> np.ndarray:
+        if self._data.size < size:
+            self._data = _aligned_bytes(max(size, 2 * self._data.size))
+        return self._data[:size]
+
+
+def _aligned_bytes(size: int) -> np.ndarray:
+    raw = np.empty(size + 64, np.uint8)
+    offset = (-raw.ctypes.data) % 64
+    return raw[offset : offset + size]
+
+
+def _header_length(path: str, head: bytes, size: int) -> int:
+    if size < 8:
+        what = "is empty" if size == 0 else f"has only {size} bytes"
+        raise _fail(path, f"not a safetensors file: it {what} (a header length takes 8)")
+    (length,) = struct.unpack("<Q", head[:8])
+    if length == 0 or length > size - 8 or length > _MAX_HEADER_BYTES:
+        raise _fail(
+            path,
+            f"not a safetensors file or truncated: the header length {length} runs past "
+            f"the end of the file ({size} bytes)"
+            if length > size - 8
+            else f"not a safetensors file: implausible header length {length}",
+        )
+    return length
+
+
+def _count_keys(header: dict[str, Any]) -> int:
+    """The keys of a header object and of the objects one level inside it (a
+    well-formed header nests no deeper; a deeper one only takes the slow path)."""
+    return len(header) + sum(len(v) for v in header.values() if type(v) is dict)
+
+
+#: Parsed headers by their exact bytes and the file size: adapters of one base model
+#: and trainer have byte-identical headers, so a folder of them is parsed once. Only
+#: successful parses are kept (errors name their file); the entries are shared between
+#: the Header objects returned and must not be changed.
+_HEADER_CACHE: dict[tuple[bytes, int], tuple[dict[str, TensorEntry], dict[str, str]]] = {}
+_HEADER_CACHE_SIZE = 256
+
+
+def parse_header(path: str, raw: bytes | memoryview, size: int) -> Header:
+    """Validates the JSON header ``raw`` of a file of ``size`` bytes (see :func:`read_header`)."""
+    raw = bytes(raw)
+    cached = _HEADER_CACHE.get((raw, size))
+    if cached is not None:
+        return Header(path, cached[0], cached[1], size, raw)
+    header = _parse_header(path, raw, size)
+    if _HEADER_CACHE_SIZE:
+        if len(_HEADER_CACHE) >= _HEADER_CACHE_SIZE:
+            _HEADER_CACHE.pop(next(iter(_HEADER_CACHE)))  # the oldest
+        _HEADER_CACHE[(raw, size)] = (header.entries, header.metadata)
+    return header
+
+
+def _parse_header(path: str, raw: bytes, size: int) -> Header:
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
         raise _fail(path, f"not a safetensors file: the header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise _fail(path, f"the header is JSON but not an object ({type(header).__name__})")
+    # json.loads keeps the last of repeated keys. Every key in the text is followed by
+    # '":' and a '":' inside a string is always escaped ('\":'), so the text holds exactly
+    # as many keys as the parsed objects unless one repeats (or unusual spacing, escapes
+    # or nesting make the count differ): then parse again, slowly, to name the repeat.
+    if raw.count(b'":') - raw.count(b'\\":') != _count_keys(header):
+        try:
+            header = json.loads(raw, object_pairs_hook=_no_duplicates)
+        except ValueError as e:
+            raise _fail(path, f"not a safetensors file: the header is not JSON ({e})") from None
 
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
@@ -141,37 +248,39 @@ def read_header(path: str | os.PathLike) -> Header:
     ):
         raise _fail(path, "__metadata__ must map strings to strings")
 
-    data_start = 8 + length
+    data_start = 8 + len(raw)
     data_len = size - data_start
+    bits = _BITS
     entries: dict[str, TensorEntry] = {}
+    spans = []
     for key, spec in header.items():
-        entries[key] = _check_entry(path, key, spec, data_start, data_len)
-
-    spans = sorted((e.start, e.end, e.key) for e in entries.values() if e.end > e.start)
+        # The fast path of a well-formed entry; anything else is explained below.
+        try:
+            dtype, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
+            count = 1
+            for d in shape:
+                if type(d) is not int or d < 0:
+                    raise TypeError
+                count *= d
+            if (
+                not key
+                or type(begin) is not int
+                or type(end) is not int
+                or not 0 <= begin <= end <= data_len
+                or bits[dtype] * count != 8 * (end - begin)
+            ):
+                raise TypeError
+        except (TypeError, KeyError, ValueError):
+            _explain_entry(path, key, spec, data_len)
+            raise AssertionError("unreachable") from None
+        entries[key] = TensorEntry(key, dtype, tuple(shape), data_start + begin, data_start + end)
+        if end > begin:
+            spans.append((begin, end, key))
+    spans.sort()
     for (_, prev_end, prev_key), (start, _, key) in itertools.pairwise(spans):
         if start < prev_end:
             raise _fail(path, f"tensors {prev_key!r} and {key!r} overlap in the file")
-    return Header(path, entries, dict(metadata), size)
-
-
-def _check_entry(path: str, key: str, spec: Any, data_start: int, data_len: int) -> TensorEntry:
-    """Validates one header entry; the common, well-formed case takes the fast path."""
-    try:
-        dtype, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
-        ok = (
-            key
-            and type(shape) is list
-            and all(type(d) is int and d >= 0 for d in shape)
-            and type(begin) is int
-            and type(end) is int
-            and 0 <= begin <= end <= data_len
-            and _DTYPES[dtype][0] * math.prod(shape) == 8 * (end - begin)
-        )
-    except (TypeError, KeyError, ValueError):
-        ok = False
-    if not ok:
-        _explain_entry(path, key, spec, data_len)
-    return TensorEntry(key, dtype, tuple(shape), data_start + begin, data_start + end)
+    return Header(path, entries, dict(metadata), size, raw)
 
 
 def _explain_entry(path: str, key: str, spec: Any, data_len: int) -> None:
@@ -207,6 +316,25 @@ def _explain_entry(path: str, key: str, spec: Any, data_len: int) -> None:
         path,
         f"{where}: {dtype} {shape} needs {bits / 8:g} bytes but data_offsets give {end - begin}",
     )
+
+
+def view(header: Header, data: np.ndarray, key: str) -> np.ndarray:
+    """Tensor ``key`` of a file read by :func:`read_file`, as a view of ``data``
+    (no copy; ``BF16`` is widened to a float32 copy, exactly).
+
+    Raises:
+      ValueError: naming the file and key, for a dtype numpy cannot hold.
+    """
+    entry = header.entries[key]
+    np_dtype = _DTYPES[entry.dtype][1]
+    raw = data[entry.start : entry.end]
+    if np_dtype is not None:
+        return raw.view(np_dtype).reshape(entry.shape)
+    if entry.dtype == "BF16":
+        # bfloat16 is the top half of a float32: shifting the bits up is exact.
+        bits = raw.view("<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(entry.shape)
+    raise _fail(header.path, f"tensor {key!r}: dtype {entry.dtype} is not supported for reading")
 
 
 class TensorReader:
@@ -252,6 +380,15 @@ class TensorReader:
 
     def read_scalar(self, key: str) -> float:
         """A tensor with one element (kohya's ``alpha``, any dtype) as a Python float."""
+        self._check_scalar(key)
+        return float(self.read(key).reshape(()))
+
+    def scalar_of(self, x: np.ndarray, key: str) -> float:
+        """As :meth:`read_scalar`, for the tensor ``x`` already read."""
+        self._check_scalar(key)
+        return float(x.reshape(()))
+
+    def _check_scalar(self, key: str) -> None:
         entry = self.header.entries[key]
         if entry.dtype == "C64" or entry.dtype not in _DTYPES:
             raise _fail(
@@ -262,7 +399,6 @@ class TensorReader:
                 self.header.path,
                 f"tensor {key!r} should hold one number, has shape {list(entry.shape)}",
             )
-        return float(self.read(key).reshape(()))
 
 
 def memmap(header: Header) -> dict[str, np.ndarray]:

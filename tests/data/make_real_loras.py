@@ -400,60 +400,65 @@ def make_peft():
             notes=f"rank_pattern saved: {bool(saved.get('rank_pattern'))}",
         )
 
-    # MoE experts as 3-d parameters (target_parameters).
+    # MoE experts as 3-d parameters (target_parameters): both expert matrices of a module
+    # (nested wrappers) and one parameter alone.
     moe = tiny_mixtral()
-    name = "peft_moe_target_parameters"
-    folder = fresh(name)
-    config = LoraConfig(
-        r=2,
-        lora_alpha=4,
-        target_modules=[],
-        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
-    )
-    model = get_peft_model(copy.deepcopy(moe), config)
-    randomize([p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n])
-    model.eval()
-    model.save_pretrained(folder)
-    deltas = {}
     from peft.tuners.lora.layer import ParamWrapper
 
-    for mname, module in model.named_modules():
-        if isinstance(module, ParamWrapper):
-            path = mname.removeprefix("base_model.model.")
-            path = path.replace(".base_layer", "")
-            deltas[f"{path}.{module.parameter_name}"] = module.get_delta_weight("default").detach()
-    merged = copy.deepcopy(moe)
-    params = dict(merged.named_parameters())
-    with torch.no_grad():
-        for k, d in deltas.items():
-            params[k].add_(d)
-    err = (logits(model) - logits(merged)).abs().max().item()
-    assert err < 1e-5, err
-    record(
-        name,
-        folder,
-        made_with="peft LoraConfig(target_parameters=...)",
-        deltas=deltas,
-        modules={k: {"kind": "lora", "experts": list(v.shape)} for k, v in deltas.items()},
-        forward=err,
-        notes=f"keys: {sorted(load_file(str(folder / 'adapter_model.safetensors')))}",
-    )
+    for name, targets in (
+        ("peft_moe_target_parameters", ["experts.gate_up_proj", "experts.down_proj"]),
+        ("peft_moe_one_parameter", ["experts.gate_up_proj"]),
+    ):
+        folder = fresh(name)
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=targets)
+        model = get_peft_model(copy.deepcopy(moe), config)
+        randomize([p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n])
+        model.eval()
+        model.save_pretrained(folder)
+        deltas = {}
+        for mname, module in model.named_modules():
+            if isinstance(module, ParamWrapper):
+                path = mname.removeprefix("base_model.model.").replace(".base_layer", "")
+                deltas[f"{path}.{module.parameter_name}"] = module.get_delta_weight(
+                    "default"
+                ).detach()
+        merged = copy.deepcopy(moe)
+        params = dict(merged.named_parameters())
+        with torch.no_grad():
+            for k, d in deltas.items():
+                params[k].add_(d)
+        err = (logits(model) - logits(merged)).abs().max().item()
+        assert err < 1e-5, err
+        record(
+            name,
+            folder,
+            made_with="peft LoraConfig(target_parameters=...)",
+            deltas=deltas,
+            modules={k: {"kind": "lora", "experts": list(v.shape)} for k, v in deltas.items()},
+            forward=err,
+            notes=f"keys: {sorted(load_file(str(folder / 'adapter_model.safetensors')))}",
+        )
 
 
 # -- LyCORIS -----------------------------------------------------------------------------
 
 
 def layer_delta(before: torch.nn.Module, after) -> torch.Tensor:
-    """The weight delta an adapted layer applies, read off its forward pass: the outputs
-    on basis inputs minus the base layer's (exact for a linear map; for the 3x3 conv the
-    output pixel at the centre of a 3x3 one-hot input sees every kernel tap)."""
+    """The weight delta an adapted layer applies, read off its forward pass: its outputs on
+    basis inputs minus the base layer's, each minus its output at zero (which removes the
+    biases). Exact for a linear map; for the 3x3 conv, the output pixel at the centre of a
+    3x3 one-hot input sees every kernel tap. Run in float64, so the subtraction's
+    cancellation (|W| >> |delta|) costs ~1e-16, not float32's ~1e-6."""
+    dtype = before.weight.dtype
     with torch.no_grad():
         if isinstance(before, torch.nn.Linear):
-            x = torch.eye(before.in_features)
-            return (after(x) - before(x)).T.contiguous()
+            x = torch.eye(before.in_features, dtype=dtype)
+            zero = torch.zeros_like(x)
+            return ((after(x) - after(zero)) - (before(x) - before(zero))).T.contiguous()
         c, (kh, kw) = before.in_channels, before.kernel_size
-        x = torch.eye(c * kh * kw).reshape(c * kh * kw, c, kh, kw)
-        y = after(x) - before(x)  # padding 1: output [N, out, 3, 3]
+        x = torch.eye(c * kh * kw, dtype=dtype).reshape(c * kh * kw, c, kh, kw)
+        zero = torch.zeros_like(x)
+        y = (after(x) - after(zero)) - (before(x) - before(zero))  # padding 1: [N, out, 3, 3]
         return y[:, :, kh // 2, kw // 2].T.reshape(before.out_channels, c, kh, kw).contiguous()
 
 
@@ -472,10 +477,11 @@ def make_lycoris():
         ("lycoris_ia3", "ia3", {}, "IA3"),
     ]
     for name, algo, kwargs, refuse in cases:
-        net = TinyConvNet().eval()
+        net = TinyConvNet()
         if algo == "boft":  # BOFT needs power-of-two widths
             net.proj, net.square = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16)
             net.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+        net = net.double().eval()  # float64 forward passes: see layer_delta
         base = copy.deepcopy(net)
         lyco = create_lycoris(
             net, 1.0, linear_dim=2, linear_alpha=3, conv_dim=2, conv_alpha=1, algo=algo, **kwargs
@@ -483,10 +489,11 @@ def make_lycoris():
         lyco.apply_to()
         trainable = [p for p in lyco.parameters() if p.requires_grad]
         randomize(trainable)
-        if algo == "full":  # full stores the new weight; make the difference non-trivial
-            with torch.no_grad():
-                for p in trainable:
+        with torch.no_grad():
+            for p in trainable:
+                if algo == "full":  # full stores the new weight; make the difference non-trivial
                     p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * STD)
+                p.copy_(p.float().double())  # the float32 file then holds these exactly
         folder = fresh(name)
         path = folder / f"{name}.safetensors"
         lyco.save_weights(
@@ -530,7 +537,8 @@ def make_lycoris():
             else:
                 deltas[short] = forward
                 if algo == "lora":  # get_diff_weight applies the scale once for LoCon
-                    err = max(err, (mod.get_diff_weight()[0] - forward).abs().max().item())
+                    diff = mod.get_diff_weight()[0].reshape(forward.shape)
+                    err = max(err, (diff - forward).abs().max().item())
                 if algo == "full" and mod.bias is not None:
                     extras.setdefault("bias", {})[short] = (mod.bias - before.bias).detach()
         assert err < 1e-5, (name, err)

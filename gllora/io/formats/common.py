@@ -32,12 +32,52 @@ LAYOUTS = ("linear", "conv", "conv1d", "embedding", "flat")
 Fetch = Callable[[str], np.ndarray]
 
 
-@dataclasses.dataclass
+#: Extra inputs a module can carry beside ``u v^T`` (``lora.extras[kind][name]``):
+#: ``magnitude`` DoRA's per-OUTPUT-row scale ``[out]`` (PEFT ``lora_magnitude_vector``,
+#: LyCORIS ``dora_scale [out, 1, ...]``); ``magnitude_in`` DoRA's per-INPUT-column scale
+#: ``[in]`` (LyCORIS ``wd_on_output=False``: ``dora_scale [1, in, ...]``), a different
+#: quantity that must never be read as the per-row one; ``bias`` the delta of the base
+#: layer's bias ``[out]`` (PEFT ``lora_bias=True``: ``lora_B.bias * scale``; Wan and
+#: LyCORIS ``full``: ``diff_b``).
+EXTRA_KINDS = ("magnitude", "magnitude_in", "bias")
+
+
+@dataclasses.dataclass(slots=True)
+class ExtraPlan:
+    """An extra input of a module: ``scale * tensor(key).reshape(size)``."""
+
+    kind: str
+    key: str
+    size: int
+    scale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NonLora:
+    """A tensor of an adapter file that is not part of a low-rank delta (a full weight
+    saved by ``modules_to_save``, a norm-weight difference): listed, never loaded.
+
+    Attributes:
+      key: the tensor key.
+      dtype: its safetensors dtype.
+      shape: its shape.
+      what: what it is and why it is not loaded.
+    """
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    what: str
+
+
+@dataclasses.dataclass(slots=True)
 class ModulePlan:
     """One module as the header describes it; ``build(plan, fetch)`` gives ``(u, v)``.
 
     ``tensors`` maps a role (``"A"``, ``"B"``, ``"w1_a"``, ...) to the tensor key in the
-    file; ``fetch(role)`` returns that tensor as float64, checked finite.
+    file; ``fetch(role)`` returns that tensor as float64, checked finite. Plain LoRA
+    modules (``build is build_lora``) are read by a faster path that writes float32
+    straight into the stacked arrays (same values).
     """
 
     name: str
@@ -51,8 +91,9 @@ class ModulePlan:
     build: Callable[[ModulePlan, Fetch], tuple[np.ndarray, np.ndarray]]
     base_shape: tuple[int, ...] | None = None
     alpha: float | None = None
-    magnitude: str | None = None
-    magnitude_size: int | None = None
+    extras: list[ExtraPlan] = dataclasses.field(default_factory=list)
+    notes: tuple[str, ...] = ()
+    args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def fail(path: str, msg: str, module: str | None = None) -> ValueError:
@@ -76,6 +117,20 @@ def require_float(header: Header, key: str, module: str) -> tuple[int, ...]:
             module,
         )
     if 0 in entry.shape or not entry.shape:
+        raise fail(header.path, f"tensor {key!r} has shape {list(entry.shape)}", module)
+    return entry.shape
+
+
+def require_float_or_empty(header: Header, key: str, module: str) -> tuple[int, ...]:
+    """As :func:`require_float`, but a zero-length axis is allowed (AdaLoRA rank 0)."""
+    entry = header.entries[key]
+    if entry.dtype not in FLOAT_DTYPES:
+        raise fail(
+            header.path,
+            f"tensor {key!r} has dtype {entry.dtype}; factors must be one of {FLOAT_DTYPES}",
+            module,
+        )
+    if not entry.shape:
         raise fail(header.path, f"tensor {key!r} has shape {list(entry.shape)}", module)
     return entry.shape
 
@@ -153,7 +208,7 @@ def build_lora(plan: ModulePlan, fetch: Fetch) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plan_magnitude(header: Header, plan: ModulePlan, key: str, sizes: tuple[int, ...]) -> None:
-    """Attaches a DoRA magnitude vector (any shape with one axis > 1) to ``plan``."""
+    """Attaches a PEFT/diffusers DoRA magnitude (a per-output-row vector) to ``plan``."""
     shape = require_float(header, key, plan.name)
     size = math.prod(shape)
     if sum(d > 1 for d in shape) > 1 or size not in sizes:
@@ -163,7 +218,19 @@ def plan_magnitude(header: Header, plan: ModulePlan, key: str, sizes: tuple[int,
             f"{' or '.join(map(str, sorted(set(sizes))))}",
             plan.name,
         )
-    plan.magnitude, plan.magnitude_size = key, size
+    plan.extras.append(ExtraPlan("magnitude", key, size))
+
+
+def plan_bias(header: Header, plan: ModulePlan, key: str, out: int, scale: float) -> None:
+    """Attaches a bias delta ``scale * tensor(key)`` of size ``out`` to ``plan``."""
+    shape = require_float(header, key, plan.name)
+    if math.prod(shape) != out or sum(d > 1 for d in shape) > 1:
+        raise fail(
+            header.path,
+            f"bias {key!r} {list(shape)} should be a vector of the {out} output features",
+            plan.name,
+        )
+    plan.extras.append(ExtraPlan("bias", key, out, scale))
 
 
 def _pattern_key(patterns: Mapping[str, Any], module_path: str, what: str, path: str) -> str | None:
@@ -186,7 +253,12 @@ def _number(value: Any, what: str, path: str, module: str) -> float:
 
 
 def peft_scale(
-    config: Mapping[str, Any], module_path: str, file_rank: int, path: str, module: str
+    config: Mapping[str, Any],
+    module_path: str,
+    file_rank: int | None,
+    path: str,
+    module: str,
+    alpha_key: str = "lora_alpha",
 ) -> tuple[float, float]:
     """``(scale, alpha)`` of one module under a PEFT ``LoraConfig`` dict.
 
@@ -194,10 +266,12 @@ def peft_scale(
     from ``rank_pattern`` / ``alpha_pattern`` when a key matches ``module_path`` (PEFT's
     rule, first match in dict order), else from ``r`` / ``lora_alpha`` (PEFT defaults 8).
     The configured rank must equal the rank in the file, or the scale PEFT would use
-    is unknowable (and PEFT itself could not load the file).
+    is unknowable (and PEFT itself could not load the file); ``file_rank=None`` skips
+    that check (a LoKr module of whole factors has no rank in the file). ``alpha_key``:
+    ``"alpha"`` for PEFT's LoHa and LoKr configs.
     """
     r = config.get("r", 8)
-    alpha = config.get("lora_alpha", 8)
+    alpha = config.get(alpha_key, 8)
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     for what, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
@@ -210,8 +284,10 @@ def peft_scale(
     if key is not None:
         alpha = alpha_pattern[key]
     r = _number(r, "r", path, module)
-    alpha = _number(alpha, "lora_alpha", path, module)
-    if r != file_rank:
+    alpha = _number(alpha, alpha_key, path, module)
+    if r <= 0:
+        raise fail(path, f"the config gives rank {r:g}; a rank must be positive", module)
+    if file_rank is not None and r != file_rank:
         raise fail(
             path,
             f"the config gives rank {r:g} (r / rank_pattern) but the file has rank {file_rank}",

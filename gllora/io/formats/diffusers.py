@@ -15,7 +15,8 @@ dropped, so both layouts give the same names. Rules (``CONVENTIONS.md`` 10-13):
   ``alpha / r``; else the PEFT rules with the component's ``r``, ``lora_alpha``,
   ``rank_pattern``, ``alpha_pattern``, ``use_rslora`` from the ``lora_adapter_metadata``
   JSON; with neither, scale 1 (what diffusers does).
-- ``lora_magnitude_vector`` (DoRA) is kept as the extra ``magnitude``.
+- ``lora_magnitude_vector`` (DoRA) is kept as the extra ``magnitude``; ``lora_B.bias``
+  (PEFT's ``lora_bias=True``) as the extra ``bias``, ``scale * lora_B.bias``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _SUFFIXES = (
     (".lora_linear_layer.up.weight", "B"),
     (".lora_magnitude_vector.weight", "magnitude"),
     (".lora_magnitude_vector", "magnitude"),
+    (".lora_B.bias", "bias"),
     (".alpha", "alpha"),
 )
 _ATTN_PROCS = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
@@ -84,7 +86,9 @@ def component_configs(header: Header) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def plan(header: Header, read_scalar: Callable[[str], float]) -> list[_common.ModulePlan]:
+def plan(
+    header: Header, read_scalar: Callable[[str], float]
+) -> tuple[list[_common.ModulePlan], list[_common.NonLora]]:
     """One plan per module of a diffusers file (header and alpha scalars only)."""
     path = header.path
     groups: dict[str, dict[str, str]] = {}
@@ -125,5 +129,7 @@ def plan(header: Header, read_scalar: Callable[[str], float]) -> list[_common.Mo
             p.scale, p.alpha = _common.peft_scale(configs[comp], module_path, p.rank, path, name)
         if "magnitude" in roles:
             _common.plan_magnitude(header, p, roles["magnitude"], (p.n,))
+        if "bias" in roles:
+            _common.plan_bias(header, p, roles["bias"], p.n, p.scale)
         plans.append(p)
-    return _common.finish(path, plans, unused)
+    return _common.finish(path, plans, unused), []
