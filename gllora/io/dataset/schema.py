@@ -328,6 +328,44 @@ def check_factors(path: str, spec: LoraSpec, factors, ranks):
     return arrays, true_ranks, batch
 
 
+def check_group(path: str, group: GroupSpec, u, v, rank) -> tuple[np.ndarray, np.ndarray]:
+    """Checks one group of a stacked LoRA (``u [B, k, n, r]``, ``v [B, k, m, r]``, true
+    ranks ``rank [B, k]``) for the writer: float, finite in float32, zero past each
+    module's true rank. Returns ``(u, v)`` float32, cut to the largest true rank."""
+    b, k = rank.shape
+    if u.shape[:3] != (b, k, group.n) or v.shape[:3] != (b, k, group.m) or u.shape[3] != v.shape[3]:
+        raise ValueError(
+            f"{path}: group {group.describe()}: u {list(u.shape)}, v {list(v.shape)} do not fit "
+            f"[B, {k}, {group.n}, r] and [B, {k}, {group.m}, r]"
+        )
+    r = u.shape[3]
+    if rank.min() < 1 or rank.max() > r:
+        raise ValueError(
+            f"{path}: group {group.describe()}: true ranks {np.unique(rank).tolist()} must be "
+            f"in [1, {r}]"
+        )
+    out = []
+    for what, x in (("u", u), ("v", v)):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"{path}: group {group.describe()}: {what} has dtype {x.dtype}")
+        with np.errstate(over="ignore"):
+            x = x.astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            bi, ki = (int(i) for i in np.argwhere(~np.isfinite(x))[0][:2])
+            raise ValueError(
+                f"{path}: module {group.names[ki]!r}: {what} has NaN/Inf entries (in float32)"
+            )
+        past = np.arange(r)[None, None, None, :] >= rank[:, :, None, None]
+        if (x * past != 0).any():
+            bi, ki = (int(i) for i in np.argwhere((x * past != 0).any(axis=(2, 3)))[0])
+            raise ValueError(
+                f"{path}: module {group.names[ki]!r}: non-zero columns past its true rank "
+                f"{rank[bi, ki]}"
+            )
+        out.append(x[..., : int(rank.max())])
+    return out[0], out[1]
+
+
 def check_extras(path: str, spec: LoraSpec, extra_sizes, extras, batch):
     """Checks an ``add()`` batch of extras against ``spec`` (and ``extra_sizes``
     ``{(kind, name): size}`` of earlier batches, or None); returns them float32."""

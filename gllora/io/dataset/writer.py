@@ -23,13 +23,14 @@ from gllora.io.dataset.schema import (
     VERSION,
     check_extras,
     check_factors,
+    check_group,
     check_target_kinds,
     check_targets,
     spec_from_modules,
     spec_to_json,
 )
 from gllora.io.dataset.shards import write_blocks
-from gllora.spec import LoraSpec
+from gllora.spec import LoraSpec, check_match
 
 _SHARD_BYTES = 128 << 20  # target shard size; a shard is written when its buffer reaches it
 
@@ -144,7 +145,64 @@ class DatasetWriter:
             self.path, labels, batch, self._columns, self.targets, self._count
         )
         extras_arrays = check_extras(self.path, self.spec, self._extra_sizes, extras or {}, batch)
-        # Everything is valid: only now is the writer's state changed.
+        # Group the modules as the schema does: [B, k, n, r_g], r_g the largest in the group.
+        us, vs, rks = [], [], []
+        for group in self.spec.groups:
+            r = max(arrays[name][0].shape[2] for name in group.names)
+            u = np.zeros((batch, len(group.names), group.n, r), np.float32)
+            v = np.zeros((batch, len(group.names), group.m, r), np.float32)
+            for i, name in enumerate(group.names):
+                x, y = arrays[name]
+                u[:, i, :, : x.shape[2]] = x
+                v[:, i, :, : y.shape[2]] = y
+            us.append(u)
+            vs.append(v)
+            rks.append(np.stack([true_ranks[name] for name in group.names], axis=1))
+        self._commit(new_labels, kinds, extras_arrays, us, vs, rks)
+
+    def add_lora(self, lora: Lora, labels: Mapping[str, Any]) -> None:
+        """Adds one unbatched :class:`Lora` with its labels (scalars), as it is stacked.
+
+        The LoRA's group arrays go into the shard as they are (numpy arrays are not
+        copied to regroup them; JAX arrays are brought to the host once), each group cut
+        to its largest true rank. Its structure must be the schema's
+        (:func:`gllora.spec.check_match`, extras included).
+
+        Raises:
+          ValueError: naming the differences from the schema, NaN/Inf, non-zero columns
+            past a module's true rank, or labels that do not fit.
+        """
+        if self._closed:
+            raise ValueError(f"{self.path}: writer is closed")
+        if lora.batch_shape:
+            raise ValueError(f"{self.path}: add_lora takes one LoRA, got batch {lora.batch_shape}")
+        check_match(self.spec, lora.spec, f"{self.path}: LoRA differs from the schema", extras=True)
+        us, vs, rks = [], [], []
+        for group, u, v, rank in zip(self.spec.groups, lora.u, lora.v, lora.rank):
+            rank = np.asarray(rank, np.int32).reshape(1, -1)  # [1, k]
+            u, v = check_group(self.path, group, np.asarray(u)[None], np.asarray(v)[None], rank)
+            us.append(u)
+            vs.append(v)
+            rks.append(rank)
+        new_labels, kinds = check_labels(
+            self.path,
+            {k: [x] for k, x in labels.items()},
+            1,
+            self._columns,
+            self.targets,
+            self._count,
+        )
+        extras = {
+            kind: {name: np.asarray(x)[None] for name, x in per.items()}
+            for kind, per in lora.extras.items()
+        }
+        extras_arrays = check_extras(self.path, self.spec, self._extra_sizes, extras, 1)
+        self._commit(new_labels, kinds, extras_arrays, us, vs, rks)
+
+    def _commit(self, new_labels, kinds, extras_arrays, us, vs, rks) -> None:
+        """Takes a validated batch of grouped factors (``us[g] [B, k, n, r_g]``, ranks
+        ``rks[g] [B, k]``): only now is the writer's state changed."""
+        batch = rks[0].shape[0]
         self._columns.update(kinds)
         for col, values in new_labels.items():
             self._labels.setdefault(col, []).extend(values)
@@ -155,63 +213,38 @@ class DatasetWriter:
                 for name, x in per.items()
             }
         per_example = (
-            sum((u.shape[1] + v.shape[1]) * u.shape[2] * 4 for u, v in arrays.values()) or 1
+            sum((u.shape[2] + v.shape[2]) * u.shape[1] * u.shape[3] * 4 for u, v in zip(us, vs))
+            or 1
         )
         chunk = max(1, self._shard_bytes // (2 * per_example))
         for start in range(0, batch, chunk):
             sl = slice(start, min(batch, start + chunk))
             self._add_block(
-                {name: (u[sl], v[sl]) for name, (u, v) in arrays.items()},
-                {name: r[sl] for name, r in true_ranks.items()},
+                [u[sl] for u in us],
+                [v[sl] for v in vs],
+                [r[sl] for r in rks],
                 {
                     kind: {name: x[sl] for name, x in per.items()}
                     for kind, per in extras_arrays.items()
                 },
             )
 
-    def add_lora(self, lora: Lora, labels: Mapping[str, Any]) -> None:
-        """Adds one unbatched :class:`Lora` (true ranks kept) with its labels (scalars)."""
-        if lora.batch_shape:
-            raise ValueError(f"{self.path}: add_lora takes one LoRA, got batch {lora.batch_shape}")
-        if lora.spec.order != self.spec.order or lora.spec.groups != self.spec.groups:
-            raise ValueError(
-                f"{self.path}: LoRA differs from the schema: "
-                + "; ".join(self.spec.diff(lora.spec) or ["module order or grouping"])
-            )
-        factors = {}
-        for name in lora.names:
-            u, v = (np.asarray(x) for x in lora.factors(name))
-            r = int(lora.rank_of(name))
-            factors[name] = (u[None, :, :r], v[None, :, :r])
-        extras = {
-            kind: {name: np.asarray(x)[None] for name, x in per.items()}
-            for kind, per in lora.extras.items()
-        }
-        self.add(factors, {k: [v] for k, v in labels.items()}, extras)
-
-    def _add_block(self, arrays, true_ranks, extras) -> None:
+    def _add_block(self, us, vs, rks, extras) -> None:
         """Appends ``B`` validated examples, grouped by rank signature, to the buffers."""
-        batch = next(iter(true_ranks.values())).shape[0]
+        batch = rks[0].shape[0]
         ids = np.arange(self._count, self._count + batch, dtype=np.int64)
-        group_ranks = [
-            np.stack([true_ranks[name] for name in g.names], axis=1) for g in self.spec.groups
-        ]  # per group [B, k]
-        signature = np.stack([r.max(axis=1) for r in group_ranks], axis=1)  # [B, groups]
+        signature = np.stack([r.max(axis=1) for r in rks], axis=1)  # [B, groups]
         keys, inverse = np.unique(signature, axis=0, return_inverse=True)
         for ki, key in enumerate(keys):
             sel = np.flatnonzero(inverse.reshape(-1) == ki)
             whole = len(sel) == batch
             block: dict[str, np.ndarray] = {"ids": ids[sel]}
-            for gi, (group, r) in enumerate(zip(self.spec.groups, key)):
+            for gi, r in enumerate(key):
                 r = int(r)
-                for what, j, size in (("u", 0, group.n), ("v", 1, group.m)):
-                    out = np.zeros((len(sel), len(group.names), size, r), np.float32)
-                    for i, name in enumerate(group.names):
-                        x = arrays[name][j]
-                        w = min(r, x.shape[2])
-                        out[:, i, :, :w] = (x if whole else x[sel])[:, :, :w]
-                    block[f"g{gi}.{what}"] = out
-                block[f"g{gi}.rank"] = group_ranks[gi][sel]
+                for what, x in (("u", us[gi]), ("v", vs[gi])):
+                    x = x if whole else x[sel]
+                    block[f"g{gi}.{what}"] = np.ascontiguousarray(x[..., :r], np.float32)
+                block[f"g{gi}.rank"] = rks[gi] if whole else rks[gi][sel]
             for kind, names in self.spec.extras:
                 for name in names:
                     block[f"extra.{kind}.{name}"] = extras[kind][name][sel]

@@ -50,8 +50,7 @@ SUFFIXES = (
     "a2.weight",
     "b1.weight",
     "b2.weight",
-    "weight",
-    "on_input",
+    "on_input",  # IA3 (its "weight" is then a key nothing reads: the refusal comes first)
 )
 
 
@@ -85,7 +84,7 @@ def _refuse(header: Header, name: str, roles: dict[str, str]) -> None:
         )
     if any(k in roles for k in ("a1.weight", "a2.weight", "b1.weight", "b2.weight")):
         raise _common.fail(path, _lycoris.NOT_LOW_RANK["a1.weight"] + "; gllora refuses it", name)
-    if "on_input" in roles or "weight" in roles:
+    if "on_input" in roles:
         raise _common.fail(path, _lycoris.NOT_LOW_RANK["on_input"] + "; gllora refuses it", name)
     if "lokr_t2" in roles:
         raise _common.fail(

@@ -15,7 +15,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from gllora.io import adapters, dataset
@@ -337,18 +336,23 @@ def _reason(e: BaseException, path: str) -> str:
 
 
 def _add(writer: dataset.DatasetWriter, path: str, modules: Sequence[Module], row) -> None:
-    """Loads one adapter and adds its ``modules`` (true ranks) and labels to ``writer``."""
+    """Loads one adapter and adds its ``modules`` and labels to ``writer``.
+
+    One host-side path: :func:`~gllora.io.load_adapter` gives numpy arrays already
+    stacked by shape; only when the import keeps fewer modules (``intersect``) are they
+    selected again; :meth:`~gllora.io.dataset.DatasetWriter.add_lora` checks the
+    structure against the schema (:func:`gllora.spec.check_match`) and writes the group
+    arrays as they are.
+    """
     lora = adapters.load_adapter(path)
-    factors, extras = {}, {}
-    for name, n, m, extra in modules:
-        u, v = (np.asarray(x) for x in lora.factors(name))
-        r = int(lora.rank_of(name))
-        if u.shape[0] != n or v.shape[0] != m:
+    names = [m[0] for m in modules]
+    extras = extras_spec(modules)
+    have = {kind: list(per) for kind, per in lora.extras.items()}
+    if list(lora.names) != names or have != extras:
+        missing = [n for n in names if n not in lora.shapes]
+        if missing:
             raise ValueError(
-                f"{path}: module {name!r} loads as u {list(u.shape)}, v {list(v.shape)}; "
-                f"its header said [{n}, {m}]"
+                f"{path}: modules {missing[:5]} are missing (its header said otherwise)"
             )
-        factors[name] = (u[None, :, :r], v[None, :, :r])
-        for kind, _ in extra:
-            extras.setdefault(kind, {})[name] = np.asarray(lora.extras[kind][name])[None]
-    writer.add(factors, {c: [x] for c, x in row.items()}, extras or None)
+        lora = lora.select(names, extras)
+    writer.add_lora(lora, row)
