@@ -90,9 +90,7 @@ def truth(name: str) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndar
             if name == "peft_moe_one_parameter"
             else {f"{MOE}.gate_up_proj": f"{MOE}.base_layer", f"{MOE}.down_proj": MOE}
         )
-        deltas = {
-            f"{names[k]}.{e}": x[e] for k, x in deltas.items() for e in range(x.shape[0])
-        }
+        deltas = {f"{names[k]}.{e}": x[e] for k, x in deltas.items() for e in range(x.shape[0])}
     return deltas, extras, meta
 
 
@@ -275,14 +273,17 @@ def test_dora_on_a_square_layer_is_told_by_the_axis_not_the_size():
     )
 
 
-@pytest.mark.parametrize("wd_on_output,kind", [(None, None), ("False", "magnitude_in"),
-                                               ("True", "magnitude")])
+@pytest.mark.parametrize(
+    "wd_on_output,kind", [(None, None), ("False", "magnitude_in"), ("True", "magnitude")]
+)
 def test_a_bare_dora_vector_on_a_square_layer_needs_the_flag(tmp_path, wd_on_output, kind):
     raw = load_file(str(adapter_path("lycoris_dora_in")))
     raw[f"{SQUARE}.dora_scale"] = raw[f"{SQUARE}.dora_scale"].reshape(-1)  # [12]
-    meta = {} if wd_on_output is None else {
-        "ss_network_args": json.dumps({"algo": "lora", "wd_on_output": wd_on_output})
-    }
+    meta = (
+        {}
+        if wd_on_output is None
+        else {"ss_network_args": json.dumps({"algo": "lora", "wd_on_output": wd_on_output})}
+    )
     path = tmp_path / "bare.safetensors"
     save_file(raw, str(path), metadata=meta)
     if kind is None:

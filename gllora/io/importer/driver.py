@@ -157,7 +157,10 @@ def import_adapters(
     keys = find_adapters(root)
     out = os.fspath(out)
     if os.path.isdir(out) and os.listdir(out) and not overwrite:  # say so before the scan
-        raise ImportAdaptersError(f"{out}: folder exists and is not empty (overwrite it?)")
+        raise ImportAdaptersError(
+            f"{out}: folder exists and is not empty (pass --overwrite, or overwrite=True, "
+            "to replace a dataset folder)"
+        )
     table = read_labels_table(labels, key_column) if labels is not None else None
     table_columns = dict(table.columns) if table else {}
     if split_column is not None and split_column not in table_columns:
