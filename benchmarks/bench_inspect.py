@@ -9,8 +9,9 @@ reads every one with each function and prints files per second.
 
 The files are small (fixture-sized, 7-46 KB, 3-45 modules), so the figures measure
 per-file overhead (open, header parse, planning; for load, reading the factors and
-building the ``Lora`` with JAX), not disk bandwidth; the directory sits in the page
-cache after it is written.
+stacking them into a numpy ``Lora``), not disk bandwidth; the directory sits in the page
+cache after it is written. ``benchmarks/bench_adapter_io.py`` measures full-size
+Qwen2 adapters against a plain safetensors read.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def main() -> None:
         )
         listed = sorted(Path(tmp).iterdir())  # what an importer would do first
         assert len(listed) == len(paths)
-        io.load_adapter(paths[0])  # JAX start-up is not per-file cost
+        io.load_adapter(paths[0])  # first-use imports are not per-file cost
         print(f"{len(paths)} adapters, {size / 2**20:.1f} MiB, in {tmp} (cpus: {os.cpu_count()})")
         for name, fn in (("io.inspect", io.inspect), ("io.load_adapter", io.load_adapter)):
             best = max((_rate(fn, listed) for _ in range(args.repeats)), key=lambda r: r[0])

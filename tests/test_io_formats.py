@@ -396,3 +396,13 @@ def test_adalora_factors_that_do_not_fit(tmp_path):
     save_file(raw, str(weights))
     with pytest.raises(ValueError, match=r"v_proj.*AdaLoRA factors do not fit.*lora_E \[6, 2\]"):
         io.inspect(folder)
+
+
+def test_the_bound_fails_a_wrong_scale():
+    """Negative control: the derived bound rejects a delta off by one part in 10^4."""
+    deltas, _, _ = truth("peft_loha")
+    lora = io.load_adapter(adapter_path("peft_loha"))
+    name = next(iter(deltas))
+    assert_exact(lora, name, deltas[name])
+    with pytest.raises(AssertionError, match="entries off"):
+        assert_exact(lora, name, deltas[name] * (1 + 1e-4))

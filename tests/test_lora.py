@@ -123,3 +123,21 @@ def test_extras_travel_with_the_lora():
         Lora.from_factors(f, extras={"magnitude": {"zz": np.ones(4)}})
     with pytest.raises(ValueError, match="NaN/Inf"):
         Lora.from_factors(f, extras={"magnitude": {"a": np.full(4, np.nan)}})
+
+
+def test_from_factors_keeps_numpy_on_the_host_and_jax_on_the_device():
+    f = {"a": _factors(4, 5, 2), "b": _factors(4, 5, 3)}
+    host = Lora.from_factors(f, extras={"magnitude": {"a": np.ones(4)}})
+    leaves = jax.tree_util.tree_leaves(host)  # a registered pytree either way
+    assert leaves and all(isinstance(x, np.ndarray) for x in leaves)
+    assert host.u[0].dtype == np.float32 and host.rank[0].dtype == np.int32
+    np.testing.assert_allclose(host.delta("a"), f["a"][0] @ f["a"][1].T, rtol=1e-5, atol=1e-6)
+    dev = Lora.from_factors({k: (jnp.asarray(u), v) for k, (u, v) in f.items()})
+    assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(dev))
+    np.testing.assert_array_equal(dev.u[0], host.u[0])
+    # a numpy LoRA goes through jit as it is, and selecting modules keeps it on the host
+    assert float(jax.jit(lambda x: x.delta("b").sum())(host)) == pytest.approx(
+        float(host.delta("b").sum()), rel=1e-5
+    )
+    one = host.select(["b"])
+    assert one.names == ("b",) and isinstance(one.u[0], np.ndarray) and one.u[0].shape[-1] == 3

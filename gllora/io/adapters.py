@@ -367,17 +367,16 @@ def load_adapter(path: str | os.PathLike) -> Lora:
     """
     planned, data = _plan(path, whole=True)
     header, plans = planned.header, planned.plans
-    extras_of: dict[str, list[str]] = {}
-    for p in plans:
-        for x in p.extras:
-            extras_of.setdefault(x.kind, []).append(p.name)
-    spec = LoraSpec.from_shapes([(p.name, p.n, p.m) for p in plans], extras_of)
-    by_name = {p.name: p for p in plans}
+    layout = planned.cached[3] if planned.cached and len(planned.cached) > 3 else None
+    if layout is None:
+        layout = _layout(plans)
+        if planned.cached:
+            planned.cached.append(layout)
+    spec, groups, by_name = layout
     # One float32 view of the whole file: an aligned F32 tensor is then a slice of it.
     flat = data[: data.size // 4 * 4].view(np.float32)
     us, vs, ranks = [], [], []
-    for group in spec.groups:
-        members = [by_name[name] for name in group.names]
+    for group, members in zip(spec.groups, groups):
         r = max(p.rank for p in members)
         mixed = any(p.rank != r for p in members)
         alloc = np.zeros if mixed else np.empty  # zero columns past a smaller rank
@@ -388,9 +387,10 @@ def load_adapter(path: str | os.PathLike) -> Lora:
                 _fill(header, data, flat, p, u[i], v[i])
             else:
                 _fill(header, data, flat, p, u[i, :, : p.rank], v[i, :, : p.rank])
-        # One reduction per group finds any NaN/Inf (a sum is non-finite if any entry is,
-        # or if it overflows: then the exact per-module check decides).
-        if not (np.isfinite(u.sum()) and np.isfinite(v.sum())):
+        # One BLAS reduction per array finds any NaN/Inf: the sum of squares is not finite
+        # if an entry is not (or if it overflows: then the exact per-module check decides).
+        fu, fv = u.reshape(-1), v.reshape(-1)
+        if not (np.isfinite(np.dot(fu, fu)) and np.isfinite(np.dot(fv, fv))):
             for i, p in enumerate(members):
                 _check_module(header, data, p, u[i], v[i])
         us.append(u)
@@ -411,6 +411,17 @@ def _f32(header: Header, data, flat, key: str) -> np.ndarray:
     if entry.dtype == "F32" and entry.start % 4 == 0:
         return flat[entry.start // 4 : entry.end // 4]
     return view(header, data, key).reshape(-1)
+
+
+def _layout(plans: list[_common.ModulePlan]):
+    """``(spec, [plans of each group], {name: plan})`` of a loaded adapter."""
+    extras_of: dict[str, list[str]] = {}
+    for p in plans:
+        for x in p.extras:
+            extras_of.setdefault(x.kind, []).append(p.name)
+    spec = LoraSpec.from_shapes([(p.name, p.n, p.m) for p in plans], extras_of)
+    by_name = {p.name: p for p in plans}
+    return spec, [[by_name[name] for name in g.names] for g in spec.groups], by_name
 
 
 def _fill(header: Header, data, flat, p: _common.ModulePlan, u_out, v_out) -> None:
