@@ -18,6 +18,7 @@ Layouts (``ModulePlan.layout``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -28,6 +29,7 @@ import numpy as np
 from gllora.io._safetensors import FLOAT_DTYPES, Header
 
 LAYOUTS = ("linear", "conv", "conv1d", "embedding", "flat")
+_DIGITS = re.compile(r"(\d+)")
 
 Fetch = Callable[[str], np.ndarray]
 
@@ -102,9 +104,11 @@ def fail(path: str, msg: str, module: str | None = None) -> ValueError:
     return ValueError(f"{where}: {msg}")
 
 
-def natural_key(name: str) -> list[Any]:
-    """Sort key under which ``layers.2`` comes before ``layers.10``."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+@functools.lru_cache(maxsize=1 << 16)
+def natural_key(name: str) -> tuple[Any, ...]:
+    """Sort key under which ``layers.2`` comes before ``layers.10`` (cached: the module
+    names of one base model repeat in every adapter of it)."""
+    return tuple(int(t) if t.isdigit() else t for t in _DIGITS.split(name))
 
 
 def require_float(header: Header, key: str, module: str) -> tuple[int, ...]:

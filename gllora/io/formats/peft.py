@@ -246,6 +246,9 @@ def _plan_lora(header, config, config_path):
     groups = _group(header, config, _SUFFIXES, unused, non_lora)
     transposed = bool(config.get("fan_in_fan_out", False))
     targets = [t for t in config.get("target_parameters") or () if isinstance(t, str)]
+    simple, config_rank = None, config.get("r", 8)
+    if not config.get("rank_pattern") and not config.get("alpha_pattern") and groups:
+        simple = _common.peft_scale(config, "", None, config_path, next(iter(groups)))
     plans = []
     for module, roles in groups.items():
         if targets and _wrapped_parameters(module, targets) is not None:
@@ -275,7 +278,10 @@ def _plan_lora(header, config, config_path):
             )
         a, b = roles[a_role], roles[b_role]
         p = _common.plan_lora(header, module, a, b, 1.0, transposed and not embedding, embedding)
-        p.scale, p.alpha = _common.peft_scale(config, module, p.rank, config_path, module)
+        if simple is not None and p.rank == config_rank:  # no patterns: one scale for all
+            p.scale, p.alpha = simple
+        else:
+            p.scale, p.alpha = _common.peft_scale(config, module, p.rank, config_path, module)
         b_rows = header.entries[b].shape[0]
         if "magnitude" in roles:
             _common.plan_magnitude(header, p, roles["magnitude"], (b_rows, p.n))
