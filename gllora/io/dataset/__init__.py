@@ -32,10 +32,10 @@ and the small files; :meth:`Dataset.batch` checks the ranks it reads). Errors ar
 This module reads and writes numpy: :meth:`Dataset.batch` wraps numpy arrays in a
 :class:`gllora.Lora` without copying them to a device.
 
-The code is in private modules, one per part of the folder: ``_dataset_schema``
+The code is in one module per part of the folder: ``schema``
 (``schema.json``, module specs, targets, the checks of what is written),
-``_dataset_labels`` (``labels.csv``, ``splits.json``), ``_dataset_shards`` (shard files,
-memory maps, copying rows), ``_dataset_writer`` and ``_dataset_reader``.
+``labels`` (``labels.csv``, ``splits.json``), ``shards`` (shard files, memory maps,
+copying rows), ``writer`` and ``reader``.
 """
 
 from __future__ import annotations
