@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from gllora import linalg
 from gllora.lora import Lora
 
 Array = jax.Array
@@ -66,6 +67,15 @@ def random_element(
 @functools.partial(jax.jit, static_argnums=(1, 3, 4))
 def _sample(key: Array, r: int, rank: Array, kind: str, max_cond: float) -> Array:
     """Group elements ``diag(g0, I)`` with ``g0`` on the leading ``rank`` block; ``[*, r, r]``."""
+    return _sample_pair(key, r, rank, kind, max_cond)[0]
+
+
+def _sample_pair(key: Array, r: int, rank: Array, kind: str, max_cond: float):
+    """``(g, g^-T)`` for :func:`_sample`'s ``g = Q1 diag(s) Q2^T``: ``g^-T = Q1 diag(1/s) Q2^T``.
+
+    No inverse or solve is computed (nor any LAPACK call: :func:`gllora.linalg.orthonormalize`
+    makes the ``Q``s), so augmentation inside a jitted training step stays plain ``jnp``.
+    """
     if kind not in ("gl", "o"):
         raise ValueError(f"unknown group {kind!r}; use 'gl' or 'o'")
     if max_cond < 1:
@@ -73,7 +83,7 @@ def _sample(key: Array, r: int, rank: Array, kind: str, max_cond: float) -> Arra
     k1, k2, k3 = jax.random.split(key, 3)
     q1 = _orthogonal_on_block(k1, r, rank)
     if kind == "o":
-        return q1
+        return q1, q1
     q2 = _orthogonal_on_block(k2, r, rank)
     log_s = jax.random.uniform(k3, (*rank.shape, r))
     live = _live_columns(r, rank)
@@ -83,7 +93,8 @@ def _sample(key: Array, r: int, rank: Array, kind: str, max_cond: float) -> Arra
     # rank-1 element is a scale in [max_cond^-1/2, max_cond^1/2].
     centred = jnp.where(hi > lo, (log_s - lo) / jnp.maximum(hi - lo, 1e-12) - 0.5, log_s - 0.5)
     s = jnp.where(live, jnp.exp(centred * jnp.log(max_cond)), 1.0)
-    return (q1 * s[..., None, :]) @ jnp.swapaxes(q2, -1, -2)
+    q2t = jnp.swapaxes(q2, -1, -2)
+    return (q1 * s[..., None, :]) @ q2t, (q1 / s[..., None, :]) @ q2t
 
 
 def _live_columns(r: int, rank: Array) -> Array:
@@ -96,30 +107,39 @@ def _orthogonal_on_block(key: Array, r: int, rank: Array) -> Array:
     z = jax.random.normal(key, (*rank.shape, r, r))
     live = _live_columns(r, rank)
     z = jnp.where(live[..., :, None] & live[..., None, :], z, jnp.broadcast_to(jnp.eye(r), z.shape))
-    # QR of a block-diagonal matrix is block-diagonal; fixing the signs of R's
-    # diagonal makes Q Haar-distributed (and the identity block stays the identity).
-    q, rr = jnp.linalg.qr(z)
-    return q * jnp.sign(jnp.diagonal(rr, axis1=-2, axis2=-1))[..., None, :]
+    # Gram-Schmidt of a block-diagonal matrix is block-diagonal (the identity block stays
+    # the identity), and Gram-Schmidt's R has a positive diagonal, which makes Q of a
+    # Gaussian matrix Haar-distributed.
+    return linalg.orthonormalize(z)
 
 
 @jax.jit
 def act_stacked(lora: Lora, gs: tuple[Array, ...]) -> Lora:
     """The action with group elements stacked per group, ``[*batch, k, r, r]`` each."""
+    _check_stacked(lora, gs)
+    # v g^-T == v (g^-1)^T; g^-1 by Gauss-Jordan on [r, r] (plain jnp, no LAPACK).
+    eye = [jnp.broadcast_to(jnp.eye(g.shape[-1], dtype=g.dtype), g.shape) for g in gs]
+    inv_t = tuple(jnp.swapaxes(linalg.solve(g, i), -1, -2) for g, i in zip(gs, eye))
+    return _act_with(lora, gs, inv_t)
+
+
+def _check_stacked(lora: Lora, gs: tuple[Array, ...]) -> None:
     if len(gs) != len(lora.u):
         raise ValueError(f"expected {len(lora.u)} stacked group elements, got {len(gs)}")
-    us, vs = [], []
-    for spec, u, v, g in zip(lora.spec.groups, lora.u, lora.v, gs):
+    for spec, u, g in zip(lora.spec.groups, lora.u, gs):
         r = u.shape[-1]
         if g.shape[-2:] != (r, r) or g.shape[-3] != len(spec.names):
             raise ValueError(
                 f"group {spec.describe()}: group element {list(g.shape)} does not "
                 f"match {len(spec.names)} modules of rank {r}"
             )
-        us.append(jnp.einsum("...nr,...rs->...ns", u, g))
-        # v g^-T == (g^-1 v^T)^T: solve instead of inverting.
-        g_b = jnp.broadcast_to(g, (*v.shape[:-2], r, r))
-        vs.append(jnp.swapaxes(jnp.linalg.solve(g_b, jnp.swapaxes(v, -1, -2)), -1, -2))
-    return lora.replace(u=tuple(us), v=tuple(vs))
+
+
+def _act_with(lora: Lora, gs, inv_t) -> Lora:
+    """``(u g, v g^-T)`` with ``g^-T`` given (``[*batch, k, r, r]`` per group)."""
+    us = tuple(jnp.einsum("...nr,...rs->...ns", u, g) for u, g in zip(lora.u, gs))
+    vs = tuple(jnp.einsum("...mr,...rs->...ms", v, h) for v, h in zip(lora.v, inv_t))
+    return lora.replace(u=us, v=vs)
 
 
 def act(lora: Lora, g: Mapping[str, Array]) -> Lora:
@@ -154,5 +174,17 @@ def act(lora: Lora, g: Mapping[str, Array]) -> Lora:
 
 
 def random_action(key: Array, lora: Lora, kind: str = "gl", *, max_cond: float = 4.0) -> Lora:
-    """``lora`` moved by an independent random element per module (data augmentation)."""
-    return act_stacked(lora, random_element(key, lora, kind, max_cond=max_cond))
+    """``lora`` moved by an independent random element per module (data augmentation).
+
+    The same elements as :func:`random_element` with the same key; ``g^-T`` is formed
+    from ``g``'s factors, so no inverse is computed.
+    """
+    keys = jax.random.split(key, len(lora.u))
+    pairs = [
+        _sample_pair(k, u.shape[-1], rank, kind, max_cond)
+        for k, u, rank in zip(keys, lora.u, lora.rank)
+    ]
+    gs = tuple(g.astype(u.dtype) for (g, _), u in zip(pairs, lora.u))
+    inv_t = tuple(h.astype(u.dtype) for (_, h), u in zip(pairs, lora.u))
+    _check_stacked(lora, gs)
+    return _act_with(lora, gs, inv_t)

@@ -69,14 +69,32 @@ def test_equivariant_linear_is_equivariant_and_right_multiplication_is_not():
         )
 
 
+def _svd_of_dense(u, v, rank):
+    dense = np.asarray(u, np.float64) @ np.swapaxes(np.asarray(v, np.float64), -1, -2)
+    want = np.linalg.svd(dense, compute_uv=False)[..., :rank]
+    return np.pad(want, [(0, 0)] * (want.ndim - 1) + [(0, rank - want.shape[-1])])
+
+
 def test_singular_values_equal_numpy_svd_of_the_dense_product():
+    # Module "b" is [3, 50] at rank 5: two of its singular values are exactly zero.
     lora = testing.random_lora(KEY, {"a": (40, 25), "b": (3, 50)}, rank=5)
+    eps = float(np.finfo(np.float32).eps)
     for u, v in zip(lora.u, lora.v):
-        got = np.asarray(features.singular_values(u, v))
-        dense = np.asarray(u, np.float64) @ np.swapaxes(np.asarray(v, np.float64), -1, -2)
-        want = np.linalg.svd(dense, compute_uv=False)[..., :5]
-        want = np.pad(want, [(0, 0), (0, 5 - want.shape[-1])])
+        want = _svd_of_dense(u, v, 5)
+        # Two passes: errors like a Householder QR's, a small multiple of eps |u| |v|.
+        got = np.asarray(features.singular_values(u, v, precise=True))
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        # One pass: u^T u carries an absolute error of at most n eps |u|^2 (each of the n
+        # products and partial sums rounds once), which moves a squared singular value
+        # by that much and a singular value by at most its square root (Weyl, then
+        # |sqrt(a) - sqrt(b)| <= sqrt(|a - b|)); the same for v, and the core adds eps.
+        got = np.asarray(features.singular_values(u, v))
+        nu, nv = np.linalg.norm(np.asarray(u), axis=(-2, -1)), np.linalg.norm(np.asarray(v), axis=(-2, -1))
+        bound = np.sqrt(2 * max(u.shape[-2], v.shape[-2]) * eps) * nu * nv
+        assert np.all(np.abs(got - want) <= bound[..., None]), (got, want, bound)
+        # Full-rank, well-conditioned modules lose almost nothing in one pass.
+        if u.shape[-2] >= 5:
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # Truncation and zero-padding to another rank.
     s = features.singular_values(lora.u[0], lora.v[0])
     np.testing.assert_array_equal(
@@ -84,6 +102,9 @@ def test_singular_values_equal_numpy_svd_of_the_dense_product():
     )
     padded = features.singular_values(lora.u[0], lora.v[0], rank=8)
     np.testing.assert_array_equal(padded[..., 5:], 0.0)
+    # Zero-padded columns are exact zeros in the Gram matrix: they stay exact zeros.
+    u0, v0 = (np.pad(np.asarray(x), [(0, 0), (0, 0), (0, 3)]) for x in (lora.u[0], lora.v[0]))
+    np.testing.assert_array_equal(np.asarray(features.singular_values(u0, v0))[..., 5:], 0.0)
 
 
 def test_singular_values_are_gl_invariant_even_ill_conditioned():
