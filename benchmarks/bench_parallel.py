@@ -8,7 +8,7 @@ slows them alike (the table gives the median over rounds):
 - training step, batches from device memory: the plain path is the engine before
   meshes (``device_put`` of the split, a jitted gather, a ``jit`` without shardings);
   the sharded one is :class:`gllora.train.pipeline.Source` with ``out_shardings`` and
-  :class:`gllora.train.programs_lib.Programs` after ``place`` (state pinned to the mesh);
+  :func:`gllora.train.steps.train_step` jitted onto the state's shardings, as the loop does;
 - training step, batches streamed from disk (read, put, step), likewise;
 - prediction of an evaluation batch (``eval_batch_size``);
 - :func:`data_gen.common.run_chunked` against its loop without a mesh (numpy in, jitted
@@ -23,6 +23,7 @@ speed-up.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -36,20 +37,15 @@ from data_gen import common, synthetic
 from experiments.configs import default
 from gllora import parallel
 from gllora.io import dataset
+from gllora.lora import split_seeds, take_examples
 from gllora.train import loop, pipeline, tasks
-from gllora.train import programs as programs_lib
 from gllora.train import state as state_lib
+from gllora.train import steps as steps_lib
 
 
-def _plain_gather(resident, pos):
+def _plain_gather(layout):
     """The engine's gather before meshes: flat positions, no output sharding."""
-    take = lambda x, axis: jnp.take(x, pos, axis=axis)
-    return resident.replace(
-        u=tuple(take(x, -2) for x in resident.u),
-        v=tuple(take(x, -2) for x in resident.v),
-        rank=tuple(take(x, -1) for x in resident.rank),
-        extras=jax.tree_util.tree_map(lambda x: take(x, -1), resident.extras),
-    )
+    return jax.jit(lambda resident, pos: take_examples(resident, pos, layout))
 
 
 def training_steps(args, path: str) -> dict[str, float]:
@@ -61,46 +57,47 @@ def training_steps(args, path: str) -> dict[str, float]:
     splits = loop.read_splits(ds)
     targets = tasks.resolve(ds, tuple(config.targets), splits["train"])
     labels = tasks.encode(ds, targets)
-    model = programs_lib.build_model(config, sum(t.num_outputs for t in targets))
     seeds = [0, 1, 2][: config.num_seeds]
     S, B, ranks = len(seeds), config.batch_size, ds.max_ranks()
     mesh = parallel.make_mesh(1)
-    programs = programs_lib.Programs(
-        config, model, targets, programs_lib.make_optimizer(config, 1000), mesh
-    )
+    setup = steps_lib.make_setup(config, targets, 1000)
+    layout = setup.layout
+    replicated = parallel.replicated(mesh)
     train = splits["train"]
     rows = parallel.local_slice(B, mesh)
     ysh, wsh = parallel.split_along(mesh, 3, 1), parallel.split_along(mesh, 2, 1)
 
     # Sharded: the engine as it is.
     sources = {
-        "memory": pipeline.Source(ds, ranks, train, mesh),
-        "stream": pipeline.Source(ds, ranks, None, mesh),
+        "memory": pipeline.Source(ds, ranks, train, mesh, layout),
+        "stream": pipeline.Source(ds, ranks, None, mesh, layout),
     }
     w_sharded = parallel.put(np.ones((S, B), np.float32), wsh)
+    step_fn = functools.partial(steps_lib.train_step, setup)
 
     def sharded(kind):
-        state = state_lib.initial(config, ds, train, ranks, seeds, programs)
+        state, placed = state_lib.initial(config, ds, train, ranks, seeds, setup, mesh)
+        train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(placed, replicated))
 
         def step(state, ids):
             y = parallel.host_to_global(labels[ids[:, rows]], ysh, (S, B, labels.shape[-1]))
-            return programs.train_step(state, sources[kind].read(ids), y, w_sharded)
+            return train_step(state, sources[kind].read(ids), y, w_sharded)
 
         return state, step
 
     # Plain: the engine before meshes.
-    plain_step = jax.jit(programs._train_step, donate_argnums=0)
-    resident = jax.device_put(ds.batch(train, layout="rank_major", ranks=ranks))
+    plain_step = jax.jit(step_fn, donate_argnums=0)
+    resident = jax.device_put(ds.batch(train, layout=layout, ranks=ranks))
     position = {int(i): p for p, i in enumerate(train)}
-    gather = jax.jit(_plain_gather)
+    gather = _plain_gather(layout)
     y_dev, w_dev = jnp.asarray(labels), jnp.ones((S, B), jnp.float32)
 
     def read_plain(kind, ids):
         if kind == "memory":
             pos = jnp.asarray([position[int(i)] for i in ids.reshape(-1)], jnp.int32)
-            return pipeline.split_seeds(gather(resident, pos), S)
-        host = ds.batch(ids.reshape(-1), layout="rank_major", ranks=ranks)
-        return jax.device_put(pipeline.split_seeds(host, S))
+            return split_seeds(gather(resident, pos), S, layout)
+        host = ds.batch(ids.reshape(-1), layout=layout, ranks=ranks)
+        return jax.device_put(split_seeds(host, S, layout))
 
     def plain(kind):
         state = jax.device_put(jax.device_get(sharded(kind)[0]))
@@ -139,7 +136,9 @@ def training_steps(args, path: str) -> dict[str, float]:
     # Prediction of one evaluation batch.
     params, consts = states["sharded / memory"]["params"], states["sharded / memory"]["consts"]
     eval_ids = train[: config.eval_batch_size]  # from the resident split
-    plain_predict = jax.jit(programs._predict)
+    predict_fn = functools.partial(steps_lib.predict, setup, layout=layout)
+    plain_predict = jax.jit(predict_fn)
+    sharded_predict = jax.jit(predict_fn, out_shardings=replicated)
 
     def read_eval_plain():
         pos = jnp.asarray([position[int(i)] for i in eval_ids], jnp.int32)
@@ -148,7 +147,7 @@ def training_steps(args, path: str) -> dict[str, float]:
     pred = {
         "plain / predict": lambda: np.asarray(plain_predict(params, consts, read_eval_plain())),
         "sharded / predict": lambda: parallel.to_host(
-            programs.predict(params, consts, sources["memory"].read(eval_ids))
+            sharded_predict(params, consts, sources["memory"].read(eval_ids))
         ),
     }
     _ = [f() for f in pred.values()]

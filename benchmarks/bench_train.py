@@ -12,6 +12,7 @@ in memory, side by side in one run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -23,9 +24,11 @@ import numpy as np
 
 from benchmarks.bench_models import NUM_LAYERS, M, N, R
 from experiments.configs import default
+from gllora import parallel
 from gllora.io import dataset
-from gllora.train import loop, pipeline, tasks
-from gllora.train import programs as programs_lib
+from gllora.lora import split_seeds
+from gllora.train import loop, tasks
+from gllora.train import steps as steps_lib
 from gllora.train import state as state_lib
 
 
@@ -78,18 +81,18 @@ def time_step_alone(path: str, steps: int) -> float:
     config = config_for(path, 1, 0.0)
     train = np.sort(ds.splits["train"])
     targets = tasks.resolve(ds, ("score",), train)
-    model = programs_lib.build_model(config, 1)
-    programs = programs_lib.Programs(
-        config, model, targets, programs_lib.make_optimizer(config, 100)
-    )
-    state = state_lib.initial(config, ds, train, ds.max_ranks(), [0], programs)
-    batch = jax.device_put(pipeline.split_seeds(ds.batch(train[:32], layout="rank_major"), 1))
+    setup = steps_lib.make_setup(config, targets, 100)
+    mesh = parallel.make_mesh()
+    state, placed = state_lib.initial(config, ds, train, ds.max_ranks(), [0], setup, mesh)
+    batch = ds.batch(train[:32], layout=setup.layout)
+    batch = jax.device_put(split_seeds(batch, 1, setup.layout))
     y, w = jnp.zeros((1, 32, 1)), jnp.ones((1, 32))
-    state, loss = programs.train_step(state, batch, y, w)
+    train_step = jax.jit(functools.partial(steps_lib.train_step, setup), donate_argnums=0)
+    state, loss = train_step(state, batch, y, w)
     jax.block_until_ready(loss)
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, loss = programs.train_step(state, batch, y, w)
+        state, loss = train_step(state, batch, y, w)
     jax.block_until_ready(loss)
     return steps * 32 / (time.perf_counter() - t0)
 

@@ -34,7 +34,19 @@ import jax.numpy as jnp
 from gllora._lora import Lora
 from gllora.spec import LAYOUTS, GroupSpec, LoraSpec, check_layout, check_match
 
-__all__ = ["LAYOUTS", "GroupSpec", "Lora", "LoraSpec", "in_axes", "stack", "to_layout"]
+__all__ = [
+    "LAYOUTS",
+    "GroupSpec",
+    "Lora",
+    "LoraSpec",
+    "batch_axes",
+    "in_axes",
+    "seed_axes",
+    "split_seeds",
+    "stack",
+    "take_examples",
+    "to_layout",
+]
 
 Array = jax.Array
 
@@ -102,11 +114,51 @@ def in_axes(batch: Lora, layout: str = "leading") -> Lora:
     ``"leading"``: every leaf has the batch at axis 0. ``"rank_major"``: factors have it
     at -2 (``[k, n, B, r]``), ranks and extras at -1 (``[k, B]``, ``[size, B]``).
     """
+    return batch_axes(batch, layout)
+
+
+def batch_axes(batch: Lora, layout: str, *, seeds: bool = False) -> Lora:
+    """Per leaf, the axis of the example axis ``B`` of a batch in ``layout`` (a Lora of ints).
+
+    With ``seeds``, the batch also has a seed axis ``S`` right before ``B`` (the engine's
+    ``[S, B, k, n, r]`` or ``[k, n, S, B, r]``; see :func:`seed_axes`). This is the one
+    place that knows where each layout keeps its batch axes: ``vmap`` axes, seed splits,
+    gathers and shardings are all derived from it.
+    """
     if check_layout(layout) == "leading":
-        return jax.tree_util.tree_map(lambda _: 0, batch)
+        return jax.tree_util.tree_map(lambda _: 1 if seeds else 0, batch)
     return batch.replace(
         u=tuple(-2 for _ in batch.u),
         v=tuple(-2 for _ in batch.v),
         rank=tuple(-1 for _ in batch.rank),
         extras=jax.tree_util.tree_map(lambda _: -1, batch.extras),
+    )
+
+
+def seed_axes(batch: Lora, layout: str) -> Lora:
+    """Per leaf, the axis of the seed axis ``S`` of a seeded batch (right before ``B``)."""
+    if check_layout(layout) == "leading":
+        return jax.tree_util.tree_map(lambda _: 0, batch)
+    return jax.tree_util.tree_map(lambda a: a - 1, batch_axes(batch, layout))
+
+
+def split_seeds(batch: Lora, seeds: int, layout: str) -> Lora:
+    """A batch of ``S * B`` examples reshaped to ``S`` seeds of ``B`` (a view for numpy).
+
+    Works on numpy and JAX arrays alike; the example axis is split in place into
+    ``(S, B)``, seed-major.
+    """
+
+    def split(x, axis):
+        shape, axis = list(x.shape), axis % x.ndim
+        shape[axis : axis + 1] = [seeds, shape[axis] // seeds]
+        return x.reshape(shape)
+
+    return jax.tree_util.tree_map(split, batch, batch_axes(batch, layout))
+
+
+def take_examples(batch: Lora, pos: Array, layout: str) -> Lora:
+    """Examples ``pos`` (any integer shape) of a batch; ``pos``'s axes replace ``B``."""
+    return jax.tree_util.tree_map(
+        lambda x, axis: jnp.take(x, pos, axis=axis % x.ndim), batch, batch_axes(batch, layout)
     )

@@ -91,8 +91,9 @@ def read_json(path):
         return json.load(f)
 
 
-def assert_results_close(a, b, rtol=1e-4):
-    """Two ``results.json``: the same best epochs, metrics equal to float32 tolerance."""
+def assert_results_close(a, b, rtol=1e-4, atol=None):
+    """Two ``results.json``: the same best epochs, metrics equal to ``rtol``."""
+    atol = rtol * 1e-2 if atol is None else atol
     assert [s["best_epoch"] for s in a["per_seed"]] == [s["best_epoch"] for s in b["per_seed"]]
 
     def close(x, y, where):
@@ -105,7 +106,7 @@ def assert_results_close(a, b, rtol=1e-4):
             for i, (xi, yi) in enumerate(zip(x, y)):
                 close(xi, yi, f"{where}[{i}]")
         elif isinstance(x, float):
-            np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-6, err_msg=where)
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=where)
         else:
             assert x == y, where
 
@@ -249,17 +250,60 @@ def test_run_chunked_on_one_device_is_the_plain_loop():
 # -- 4 virtual devices, in a subprocess ---------------------------------------------
 
 
+#: Float64 unit roundoff, and a bound on the length of the longest chain of sums behind
+#: any gradient entry of the test model (``mlp``, hidden 32, on 376 input features: the
+#: forward dot, two hidden layers, LayerNorms, the batch mean of 16, and back again).
+U64, CHAIN = 2.0**-53, 1000
+GAMMA = CHAIN * U64 / (1 - CHAIN * U64)
+
+
 def test_sharded_train_steps_equal_the_single_device_steps(data, tmp_path):
-    """3 steps of mlp on 4 devices (batch split; kernels whole, split on F, split on h)
-    equal the steps on one device; in-memory and streamed batches are the same arrays."""
+    """Steps of mlp on 4 devices (batch split; kernels whole, split on F, split on h; 2 seeds)
+    equal the steps on one device; in-memory and streamed batches are the same arrays.
+
+    The two differ only in the order of sums (each device sums its quarter of the batch,
+    then the quarters are summed), so the comparison runs in float64, where that order
+    moves a gradient entry ``g = sum_i g_i`` (``g_i``: one example's contribution, the
+    worker measures ``sum_i |g_i|`` per entry) by at most ``2 gamma_N sum_i |g_i|``
+    (Higham, Accuracy and Stability, 3.1: any order of summation, ``N`` the chain length).
+    One AdamW step is compared through its moments (``mu = (1 - b1) g``, ``nu = (1 - b2)
+    g^2``) and the parameters (``|d update| <= lr |d g| / eps``: Adam divides by
+    ``sqrt(nu) + eps``, most sensitive where ``g ~ 0``). Three SGD-momentum steps are
+    linear in the gradients: parameters move by ``lr (1 + (1 + b) + (1 + b + b^2)) d g``.
+    In float32 the same reorder moved Adam's parameters by 1.5e-6 on another machine,
+    because there ``d g / eps`` is not small: hence float64.
+    """
     run_worker("steps", str(tmp_path), os.path.dirname(data[0]))
     got = read_json(tmp_path / "steps.json")
     ref = np.load(tmp_path / "steps_1.npz")
+    abs_sum = np.load(tmp_path / "abs_grad_sum.npz")  # sum_i |g_i| per entry, per step
+    lr, eps, b1, b2, momentum = 1e-3, 1e-8, 0.9, 0.999, 0.9
     for variant in ("none", "fan_in", "fan_out"):
         new = np.load(tmp_path / f"steps_4_{variant}.npz")
         assert sorted(new) == sorted(ref)
         for key in ref:
-            np.testing.assert_allclose(new[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+            if key.startswith("loss"):
+                continue
+            what, leaf = key.split("/", 1)
+            dg = [2 * GAMMA * abs_sum[f"{t}/{leaf}"] for t in range(3)]
+            bound = {
+                "adam_grad": dg[0],
+                "adam_mu": (1 - b1) * dg[0],
+                "adam_nu": (1 - b2) * dg[0] * (2 * np.abs(ref[f"adam_grad/{leaf}"]) + dg[0]),
+                "adam_params": lr * dg[0] / eps,
+                "sgd_params": lr
+                * (dg[0] * (3 + 2 * momentum + momentum**2) + dg[1] * (2 + momentum) + dg[2]),
+            }[what]
+            # One float64 rounding of the value compared, on top.
+            bound = bound + 4 * U64 * np.abs(ref[key])
+            diff = np.abs(new[key] - ref[key])
+            assert np.all(diff <= bound), (variant, key, float(diff.max()), float(bound.max()))
+        # The losses are forward passes on the same parameters and data at step 0.
+        np.testing.assert_allclose(new["loss/adam"][0], ref["loss/adam"][0], rtol=1e-12)
+    # The bounds are not vacuous: float32 reduction noise alone (2^-24 per rounding)
+    # would exceed them, and the parameters did move by far more than them.
+    moved = np.abs(ref["adam_params/['first']['bias']"] - np.load(tmp_path / "init.npz")["bias"])
+    assert moved.max() > 1e3 * (lr * 2 * GAMMA * abs_sum["0/['first']['bias']"] / eps).max()
     assert got["kernel_spec"] == {
         "none": "P()",
         "fan_in": "P(None, None, 'data', None)",
@@ -299,35 +343,30 @@ def _numbers(tree):
     return [float(tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
 
 
-def test_checkpoint_written_on_four_devices_restores_and_resumes_on_one(
-    data, one_device_run, tmp_path
-):
+def test_checkpoint_written_on_four_devices_restores_and_resumes_on_one(data, tmp_path):
     """A run trained on 4 devices (kernels split on F) equals the one-device run; its
-    checkpoint restores on this 1-device process, predicts the same, and a run resumed
-    here from its first-epoch checkpoint ends with the same results."""
-    from gllora.train import Predictor, train_and_evaluate
+    checkpoint restores on one device, predicts the same, and a run resumed there from
+    its first-epoch checkpoint ends with the same results.
 
-    _, results1 = one_device_run
-    run_worker("train", str(tmp_path), os.path.dirname(data[0]))
-    workdir4 = str(tmp_path / "run4")
-    results4 = read_json(os.path.join(workdir4, "results.json"))
-    assert_results_close(results4, results1)
-    outputs4 = np.load(tmp_path / "outputs4.npy")
-    predictor = Predictor.from_workdir(workdir4)  # saved on 4 devices, restored on 1
-    assert predictor.mesh.size == 1
-    from gllora.io import dataset
-
-    batch = dataset.open(data[0]).batch(np.arange(40))
-    np.testing.assert_allclose(predictor.outputs(batch), outputs4, rtol=1e-5, atol=1e-6)
-    # Resume on one device from the 4-device checkpoint of epoch 1.
-    resumed = str(tmp_path / "resumed")
-    shutil.copytree(workdir4, resumed)
-    steps = sorted(int(p) for p in os.listdir(os.path.join(resumed, "checkpoints")) if p.isdigit())
-    assert len(steps) == 2
-    shutil.rmtree(os.path.join(resumed, "checkpoints", str(steps[-1])))
-    os.remove(os.path.join(resumed, "results.json"))
-    config = config_for(data[0], shard_params="fan_in", num_devices=1)
-    assert_results_close(train_and_evaluate(config, resumed), results4)
+    Both trainings run in float64 (two epochs of AdamW): a reordered float32 sum moves a
+    near-zero gradient by ~1e-8, which Adam's division by ``sqrt(nu) + 1e-8`` turns into
+    a parameter change of ~lr, so float32 runs agree only to a machine-dependent few
+    1e-6. In float64 the same reorder starts at ~1e-16; ``rtol = 1e-9`` leaves seven
+    orders of magnitude for Adam to amplify it over the run's 28 steps, while any
+    difference in what the runs compute (a batch row on the wrong device, a gradient not
+    summed over devices) changes the metrics at 1e-3 or more.
+    """
+    root = os.path.dirname(data[0])
+    run_worker("train", str(tmp_path), root)  # 4 devices
+    run_worker("train_one", str(tmp_path), root, devices=1)
+    results4 = read_json(tmp_path / "run4" / "results.json")
+    assert_results_close(results4, read_json(tmp_path / "run1" / "results.json"), rtol=1e-9)
+    # Restored on one device: a forward pass, reordered sums only (float64).
+    np.testing.assert_allclose(
+        np.load(tmp_path / "outputs_restored.npy"), np.load(tmp_path / "outputs4.npy"), rtol=1e-12
+    )
+    assert read_json(tmp_path / "restored.json") == {"mesh_size": 1, "checkpoints": 2}
+    assert_results_close(read_json(tmp_path / "resumed" / "results.json"), results4, rtol=1e-9)
 
 
 # -- two processes, jax.distributed on 127.0.0.1 -------------------------------------
@@ -339,8 +378,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_pair(args: list[str]) -> list[subprocess.CompletedProcess]:
+def _launch_pair(args: list[str], x64: bool = False) -> list[subprocess.CompletedProcess]:
     port = _free_port()
+    env = {**subprocess_env(1), **({"JAX_ENABLE_X64": "1"} if x64 else {})}
     procs = [
         subprocess.Popen(
             [
@@ -352,7 +392,7 @@ def _launch_pair(args: list[str]) -> list[subprocess.CompletedProcess]:
                 f"--process_id={i}",
             ],
             cwd=ROOT,
-            env=subprocess_env(1),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -407,9 +447,11 @@ def test_two_processes_train_evaluate_and_predict_like_one(data, tmp_path):
     """``experiments.train``, ``.evaluate`` and ``.predict`` as two jax.distributed
     processes agree with one process: training with the global batch split over them
     (2 seeds, the split in device memory), evaluation streaming each process's rows,
-    prediction of each process's share of the adapter files merged into one CSV."""
-    from gllora.train import train_and_evaluate
-    from gllora.train.predictor import Predictor, predict_inputs, write_predictions
+    prediction of each process's share of the adapter files merged into one CSV.
+
+    Training runs in float64 on both sides, for the reason (and with the tolerance) of
+    ``test_checkpoint_written_on_four_devices_restores_and_resumes_on_one``.
+    """
 
     dataset_path, adapters = data
     workdir = str(tmp_path / "two")
@@ -422,22 +464,32 @@ def test_two_processes_train_evaluate_and_predict_like_one(data, tmp_path):
         "--config.num_seeds=2",
         "--config.batch_size=16",
         "--config.eval_batch_size=50",
+        "--config.dtype=float64",
     ]
-    trained = _launch_pair(["-m", "experiments.train", *config_args, f"--workdir={workdir}"])
+    trained = _launch_pair(
+        ["-m", "experiments.train", *config_args, f"--workdir={workdir}"], x64=True
+    )
     if any(p.returncode for p in trained):
         _skip_unless_platform_runs_two_processes(trained[0])
     assert "results:" in trained[0].stdout and "results:" not in trained[1].stdout
-    one = train_and_evaluate(
-        config_for(dataset_path, model="mlp_svd", num_seeds=2), str(tmp_path / "one")
+    subprocess.run(
+        [sys.executable, "-m", "experiments.train", *config_args, f"--workdir={tmp_path / 'one'}"],
+        cwd=ROOT,
+        env={**subprocess_env(1), "JAX_ENABLE_X64": "1"},
+        check=True,
+        capture_output=True,
+        timeout=TIMEOUT,
     )
-    assert_results_close(read_json(os.path.join(workdir, "results.json")), one)
+    one = read_json(tmp_path / "one" / "results.json")
+    assert_results_close(read_json(os.path.join(workdir, "results.json")), one, rtol=1e-9)
 
-    evaluated = _launch_pair(["-m", "experiments.evaluate", f"--workdir={workdir}"])
+    evaluated = _launch_pair(["-m", "experiments.evaluate", f"--workdir={workdir}"], x64=True)
     assert [p.returncode for p in evaluated] == [0, 0], evaluated[0].stderr[-3000:]
     again = read_json(os.path.join(workdir, "evaluation_test.json"))["per_seed"]
     assert_results_close(
         {"per_seed": [{"best_epoch": 0, "test": m} for m in again]},
         {"per_seed": [{"best_epoch": 0, "test": s["test"]} for s in one["per_seed"]]},
+        rtol=1e-9,
     )
 
     out2 = str(tmp_path / "two.csv")
@@ -448,22 +500,35 @@ def test_two_processes_train_evaluate_and_predict_like_one(data, tmp_path):
             f"--workdir={workdir}",
             f"--inputs={adapters}",
             f"--out={out2}",
-        ]
+        ],
+        x64=True,
     )
     assert [p.returncode for p in predicted] == [1, 1]  # one unreadable file, on every process
     assert "adapter_5b.safetensors" in predicted[0].stderr
     assert not [f for f in os.listdir(tmp_path) if ".part-" in f]
     out1 = str(tmp_path / "one.csv")
-    rows, failures = predict_inputs(Predictor.from_workdir(str(tmp_path / "one")), adapters)
-    write_predictions(rows, failures, out1)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.predict",
+            f"--workdir={tmp_path / 'one'}",
+            f"--inputs={adapters}",
+            f"--out={out1}",
+        ],
+        cwd=ROOT,
+        env={**subprocess_env(1), "JAX_ENABLE_X64": "1"},
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
     with open(out1) as f1, open(out2) as f2:
         a, b = list(csv.reader(f1)), list(csv.reader(f2))
     assert a[0] == b[0] and [r[0] for r in a] == [r[0] for r in b]
     np.testing.assert_allclose(
         np.asarray([r[1:] for r in b[1:]], float),
         np.asarray([r[1:] for r in a[1:]], float),
-        rtol=1e-4,
-        atol=1e-6,
+        rtol=1e-9,
+        atol=1e-11,
     )
 
 
@@ -471,12 +536,16 @@ def test_two_processes_train_evaluate_and_predict_like_one(data, tmp_path):
 
 
 def _worker_steps(out: str, root: str) -> None:
+    import functools
+
     import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)  # see the test's docstring
 
     from gllora import parallel
     from gllora.io import dataset
-    from gllora.train import loop, pipeline, tasks
-    from gllora.train import programs as programs_lib
+    from gllora.train import loop, pipeline, steps, tasks
     from gllora.train import state as state_lib
 
     data, _ = write_data(root)
@@ -484,30 +553,38 @@ def _worker_steps(out: str, root: str) -> None:
     splits = loop.read_splits(ds)
     ranks = ds.max_ranks()
     report = {"kernel_spec": {}, "kernel_shard_fraction": {}}
+    seeds = [0, 1]
+    f64 = lambda tree: jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+    leaves = lambda tree: {
+        jax.tree_util.keystr(p): np.asarray(parallel.to_host(x))
+        for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
-    def run(mesh, shard_params):
-        config = config_for(data, shard_params=shard_params, num_seeds=2)
-        targets = tasks.resolve(ds, tuple(config.targets), splits["train"])
-        labels = tasks.encode(ds, targets)
-        model = programs_lib.build_model(config, sum(t.num_outputs for t in targets))
-        programs = programs_lib.Programs(
-            config, model, targets, programs_lib.make_optimizer(config, 10), mesh
+    def run(mesh, shard_params, optimizer, num_steps, abs_sums=None):
+        config = config_for(
+            data, shard_params=shard_params, num_seeds=2, optimizer=optimizer, dtype="float64"
         )
-        seeds = [0, 1]
-        state = state_lib.initial(config, ds, splits["train"], ranks, seeds, programs)
-        source = pipeline.Source(ds, ranks, splits["train"], mesh)
-        w = parallel.put(np.ones((2, 16), np.float32), parallel.split_along(mesh, 2, 1))
-        losses = []
-        for ids in pipeline.step_indices(seeds, splits["train"], 16, 0, 3):
-            batch = source.read(ids)
+        targets = tasks.resolve(ds, tuple(config.targets), splits["train"])
+        labels = tasks.encode(ds, targets).astype(np.float64)
+        setup = steps.make_setup(config, targets, 10)
+        state, placed = state_lib.initial(config, ds, splits["train"], ranks, seeds, setup, mesh)
+        step_fn = jax.jit(
+            functools.partial(steps.train_step, setup),
+            out_shardings=(placed, parallel.replicated(mesh)),
+        )
+        source = pipeline.Source(ds, ranks, splits["train"], mesh, setup.layout)
+        w = parallel.put(np.ones((2, 16)), parallel.split_along(mesh, 2, 1))
+        losses, init = [], leaves(state["params"])
+        for t, ids in enumerate(pipeline.step_indices(seeds, splits["train"], 16, 0, num_steps)):
+            batch = f64(source.read(ids))
             y = parallel.put(labels[ids], parallel.split_along(mesh, 3, 1))
-            state, loss = programs.train_step(state, batch, y, w)
+            if abs_sums is not None:  # sum_i |g_i| per entry, on the one-device run
+                for leaf, x in leaves(_abs_grad_sum(setup, state, batch, y, t)).items():
+                    abs_sums[f"{t}/{leaf}"] = x
+            state, loss = step_fn(state, batch, y, w)
             losses.append(parallel.to_host(loss))
-        flat = {
-            jax.tree_util.keystr(path): parallel.to_host(x)
-            for path, x in jax.tree_util.tree_leaves_with_path(state["params"])
-        }
-        flat["loss"] = np.stack(losses)
         kernel = next(
             x
             for p, x in jax.tree_util.tree_leaves_with_path(state["params"])
@@ -517,19 +594,37 @@ def _worker_steps(out: str, root: str) -> None:
         report["kernel_shard_fraction"][shard_params] = (
             kernel.addressable_shards[0].data.size / kernel.size
         )
-        return flat
+        return state, np.stack(losses), init
 
-    np.savez(os.path.join(out, "steps_1.npz"), **run(parallel.make_mesh(1), "none"))
+    def record(mesh, shard_params, abs_sums=None):
+        adam, adam_loss, init = run(mesh, shard_params, "adamw", 1)
+        mu = adam["opt_state"][0].mu
+        flat = {f"adam_params/{k}": x for k, x in leaves(adam["params"]).items()}
+        flat.update({f"adam_mu/{k}": x for k, x in leaves(mu).items()})
+        flat.update({f"adam_nu/{k}": x for k, x in leaves(adam["opt_state"][0].nu).items()})
+        flat.update({f"adam_grad/{k}": x / 0.1 for k, x in leaves(mu).items()})
+        # Same initial state, batches and keys as the Adam run: its step-0 sums serve both.
+        sgd, _, _ = run(mesh, shard_params, "sgd", 3, abs_sums)
+        flat.update({f"sgd_params/{k}": x for k, x in leaves(sgd["params"]).items()})
+        flat["loss/adam"] = adam_loss
+        return flat, init
+
+    abs_sums = {}
+    one, init = record(parallel.make_mesh(1), "none", abs_sums)
+    np.savez(os.path.join(out, "steps_1.npz"), **one)
+    np.savez(os.path.join(out, "abs_grad_sum.npz"), **abs_sums)
+    np.savez(os.path.join(out, "init.npz"), bias=init["['first']['bias']"])
     for variant in ("none", "fan_in", "fan_out"):
-        np.savez(os.path.join(out, f"steps_4_{variant}.npz"), **run(parallel.make_mesh(4), variant))
+        flat, _ = record(parallel.make_mesh(4), variant)
+        np.savez(os.path.join(out, f"steps_4_{variant}.npz"), **flat)
     # The same batch gathered from device memory and streamed (each device's rows).
     mesh = parallel.make_mesh(4)
     ids = next(pipeline.step_indices([0, 1], splits["train"], 16, 5, 6))
-    resident = pipeline.Source(ds, ranks, splits["train"], mesh).read(ids)
-    streamed = pipeline.Source(ds, ranks, None, mesh).read(ids)
-    leaves = zip(jax.tree_util.tree_leaves(resident), jax.tree_util.tree_leaves(streamed))
+    resident = pipeline.Source(ds, ranks, splits["train"], mesh, "rank_major").read(ids)
+    streamed = pipeline.Source(ds, ranks, None, mesh, "rank_major").read(ids)
+    pairs = zip(jax.tree_util.tree_leaves(resident), jax.tree_util.tree_leaves(streamed))
     report["streamed_equals_in_memory"] = all(
-        a.sharding == b.sharding and np.array_equal(a, b) for a, b in leaves
+        a.sharding == b.sharding and np.array_equal(a, b) for a, b in pairs
     )
     try:
         parallel.state_shardings(
@@ -543,6 +638,56 @@ def _worker_steps(out: str, root: str) -> None:
         report["batch_error"] = str(e)
     with open(os.path.join(out, "steps.json"), "w") as f:
         json.dump(report, f)
+
+
+def _abs_grad_sum(setup, state, batch, y, step):
+    """``sum_i |g_i|`` per parameter entry (seed axis first): ``g_i`` is example ``i``'s
+    share of the gradient of the batch-mean loss, with the train step's dropout keys.
+
+    Each example is a batch of one inside ``vmap``: the models' custom batching rules
+    (gllora.ops) are differentiable under ``grad`` of ``vmap`` only.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from gllora import parallel
+    from gllora.lora import batch_axes, seed_axes
+    from gllora.train import steps, tasks
+
+    host = (state["params"], state["consts"], state["key"], batch, y)
+    params, consts, key_data, batch, y = jax.tree_util.tree_map(parallel.to_host, host)
+    S, B = y.shape[:2]
+
+    @jax.jit
+    def grad_i(params, consts, key_data, x, y_i, i):
+        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
+        k = jax.random.split(key, B)[i][None]
+
+        def loss_i(p):
+            out = jax.vmap(
+                lambda x, k: steps.apply(setup, p, consts, x, train=True, key=k),
+                in_axes=(batch_axes(x, setup.layout), 0),
+            )(x, k)
+            return tasks.loss(setup.targets, out, y_i[None], jnp.ones((1,), y_i.dtype)) / B
+
+        return jax.grad(loss_i)(params)
+
+    def take(tree, axes, j):  # index j of the given axes, kept as an axis of size 1
+        return jax.tree_util.tree_map(lambda a, ax: np.take(a, [j], axis=ax), tree, axes)
+
+    per_seed = []
+    for s in range(S):
+        lora_s = jax.tree_util.tree_map(
+            lambda a, ax: np.take(a, s, axis=ax), batch, seed_axes(batch, setup.layout)
+        )
+        p_s = jax.tree_util.tree_map(lambda a: a[s], (params, consts, key_data))
+        acc = None
+        for i in range(B):
+            x = take(lora_s, batch_axes(lora_s, setup.layout), i)
+            g = jax.tree_util.tree_map(lambda a: np.abs(np.asarray(a)), grad_i(*p_s, x, y[s, i], i))
+            acc = g if acc is None else jax.tree_util.tree_map(np.add, acc, g)
+        per_seed.append(acc)
+    return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *per_seed)
 
 
 def _worker_predict(out: str, root: str, workdir: str) -> None:
@@ -609,12 +754,16 @@ def _worker_predict(out: str, root: str, workdir: str) -> None:
 
 
 def _worker_train(out: str, root: str) -> None:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
     from gllora.io import dataset
     from gllora.train import Predictor, train_and_evaluate
 
     data, _ = write_data(root)
     workdir = os.path.join(out, "run4")
-    train_and_evaluate(config_for(data, shard_params="fan_in", num_devices=4), workdir)
+    config = config_for(data, shard_params="fan_in", num_devices=4, dtype="float64")
+    train_and_evaluate(config, workdir)
     predictor = Predictor.from_workdir(workdir)
     assert predictor.mesh.size == 4
     np.save(
@@ -623,9 +772,41 @@ def _worker_train(out: str, root: str) -> None:
     )
 
 
+def _worker_train_one(out: str, root: str) -> None:
+    """One device: the same run, the 4-device checkpoint restored, and resumed."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    from gllora.io import dataset
+    from gllora.train import Predictor, train_and_evaluate
+
+    data, _ = write_data(root)
+    config = config_for(data, shard_params="fan_in", num_devices=1, dtype="float64")
+    train_and_evaluate(config, os.path.join(out, "run1"))
+    workdir4 = os.path.join(out, "run4")
+    predictor = Predictor.from_workdir(workdir4)  # saved on 4 devices, restored on 1
+    np.save(
+        os.path.join(out, "outputs_restored.npy"),
+        predictor.outputs(dataset.open(data).batch(np.arange(40))),
+    )
+    resumed = os.path.join(out, "resumed")
+    shutil.copytree(workdir4, resumed)
+    steps = sorted(int(p) for p in os.listdir(os.path.join(resumed, "checkpoints")) if p.isdigit())
+    with open(os.path.join(out, "restored.json"), "w") as f:
+        json.dump({"mesh_size": predictor.mesh.size, "checkpoints": len(steps)}, f)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", str(steps[-1])))
+    os.remove(os.path.join(resumed, "results.json"))
+    train_and_evaluate(config, resumed)
+
+
 if __name__ == "__main__":
     import jax
 
     jax.config.update("jax_numpy_rank_promotion", "raise")
-    workers = {"steps": _worker_steps, "predict": _worker_predict, "train": _worker_train}
+    workers = {
+        "steps": _worker_steps,
+        "predict": _worker_predict,
+        "train": _worker_train,
+        "train_one": _worker_train_one,
+    }
     workers[sys.argv[1]](*sys.argv[2:])

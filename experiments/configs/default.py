@@ -65,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.augment = "none"  # "gl" / "o": act by a random group element on every example
     config.augment_max_cond = 4.0
     config.input_scale = True  # scale u, v per module group by 1/RMS on training data
+    # "float64" (needs JAX_ENABLE_X64=1): runs that differ only in the order of sums
+    # (device count, seeds batched or not) agree to float64 rounding; tests use it.
+    config.dtype = "float32"
 
     config.eval_batch_size = 256
     config.in_memory_gb = 2.0  # splits smaller than this are read onto the device once

@@ -71,7 +71,7 @@ def reproduce(
     fig4: dict[str, dict] = {}
     d3: dict[str, dict] = {}
     pool = workers.Pool(jobs)
-    log.say(f"training {len(experiments) * len(models)} runs, {pool.jobs} worker(s), one core each")
+    log.say(f"training {len(experiments) * len(models)} runs, {pool.jobs} worker(s)")
     try:
         futures = {}
         # The slowest runs first, so the two workers finish together.

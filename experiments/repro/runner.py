@@ -142,7 +142,7 @@ def run_training(config, workdir: str) -> tuple[dict[str, Any], float, str]:
     A finished run with the same fingerprint is reused; an unfinished one is resumed by
     ``train_and_evaluate``; a run made with another config (a changed sweep choice) is
     moved to ``<workdir>.old`` and trained again. Call it in a worker of
-    :mod:`experiments.repro.workers` (one core per process; see there why).
+    :mod:`experiments.repro.workers`.
 
     Returns:
       ``(results, seconds, status)``, status ``"reused"``, ``"trained"`` or

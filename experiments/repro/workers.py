@@ -1,15 +1,10 @@
-"""Worker processes for training and analysis, each pinned to ONE CPU core.
+"""Worker processes for training and analysis.
 
-Why one core per process: with jaxlib 0.10.2 on a 2-core CPU, MLP + SVD training hangs
-for ever (3 runs of 3 on this machine). XLA's CPU runtime runs independent operations
-concurrently on its intra-op pool (one thread per core), and jaxlib's batched LAPACK
-kernels (QR, SVD: ``ParallelBatchMap``) split their batch into tasks on that same pool
-and block until they finish; two concurrent QRs (of ``u`` and of ``v``) each hold a
-pool thread and wait for the other's tasks. ``--xla_cpu_multi_thread_eigen=false`` does
-not prevent it; a process whose CPU affinity is one core (a pool of one thread) does
-(jaxlib 0.11 compiles the parallel path out). So the reproduction runs ``jobs``
-workers, one per core, and both cores stay busy: training runs of different models
-proceed side by side, and compilation (single-threaded in XLA) overlaps.
+The reproduction runs ``jobs`` workers (default: one per core), so training runs of
+different models proceed side by side and compilation (single-threaded in XLA)
+overlaps with another run's steps. Workers are not pinned: no model issues a batched
+LAPACK call (the cause of the stalls jaxlib 0.10.2's CPU runtime had under concurrent
+QRs and SVDs; gllora.linalg replaced them), so a worker may use every core.
 
 Tasks are module-level functions (picklable for the ``spawn`` start method); each
 returns plain data.
@@ -28,12 +23,7 @@ def available_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 
-def _init(counter, cores: list[int]) -> None:
-    with counter.get_lock():
-        index = counter.value
-        counter.value += 1
-    if cores and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {cores[index % len(cores)]})  # before JAX starts
+def _init() -> None:
     import logging
 
     from absl import logging as absl_logging
@@ -43,15 +33,13 @@ def _init(counter, cores: list[int]) -> None:
 
 
 class Pool:
-    """``jobs`` worker processes (default: one per available core), one core each."""
+    """``jobs`` worker processes (default: one per available core)."""
 
     def __init__(self, jobs: int = 0):
         cores = available_cores()
         self.jobs = jobs or max(1, len(cores) or (os.cpu_count() or 1))
         ctx = mp.get_context("spawn")
-        self._executor = cf.ProcessPoolExecutor(
-            self.jobs, mp_context=ctx, initializer=_init, initargs=(ctx.Value("i", 0), cores)
-        )
+        self._executor = cf.ProcessPoolExecutor(self.jobs, mp_context=ctx, initializer=_init)
 
     def submit(self, fn, *args, **kwargs) -> cf.Future:
         return self._executor.submit(fn, *args, **kwargs)

@@ -37,6 +37,15 @@ def invariance(name: str) -> str | None:
     return _lookup(name)[1]
 
 
+def layout(name: str) -> str:
+    """The batch layout the engine feeds a registered model (``gllora.LAYOUTS``).
+
+    A model's output does not depend on it (models take ONE example); its speed does: a
+    class attribute ``batch_layout`` says which is fastest for that model.
+    """
+    return _lookup(name)[0].batch_layout
+
+
 def _lookup(name: str) -> tuple[type[nn.Module], str | None]:
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}")
@@ -77,5 +86,6 @@ __all__ = [
     "REGISTRY",
     "build",
     "invariance",
+    "layout",
     "names",
 ]

@@ -6,6 +6,8 @@ The trunk, :class:`GLNetTrunk`, is an equivariant map from LoRAs to LoRAs (eq. 2
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -54,6 +56,10 @@ class GLNet(nn.Module):
     ``"mean"`` head reduces each product ``u_i v_i^T`` to its mean (the paper's CLIP-score
     variant, "hidden dimension 1"); ``"dense"`` keeps all ``width^2`` entries per module.
     """
+
+    #: Batch layout the engine feeds (gllora.models.layout): with the batch beside the
+    #: rank axis, ``Phi @ u`` over a batch is one matrix product over ``B * r`` columns.
+    batch_layout: ClassVar[str] = "rank_major"
 
     num_outputs: int
     equiv_width: int = 16

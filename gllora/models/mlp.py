@@ -8,7 +8,7 @@ they differ only in the per-module features fed to it (:meth:`_MlpOn.features`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -27,6 +27,11 @@ def _flatten_pair(u: Array, v: Array) -> Array:
 
 class _MlpOn(nn.Module):
     """An MLP on per-module features; subclasses define :meth:`features`."""
+
+    #: Batch layout the engine feeds (gllora.models.layout): per-example Gram matrices,
+    #: products and flattened factors contract along n or r, which XLA does fastest with
+    #: the batch leading; moving [k, n, B, r] there costs a transpose of the whole batch.
+    batch_layout: ClassVar[str] = "leading"
 
     num_outputs: int
     hidden: int = 256

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from gllora import parallel
 from gllora.io import dataset as dataset_lib
+from gllora.spec import check_match
 from gllora.train import pipeline, tasks
 from gllora.train import results as results_lib
 from gllora.train.predictor import Predictor
@@ -35,18 +36,18 @@ def evaluate_workdir(
     with open(os.path.join(workdir, "targets.json")) as f:
         meta = json.load(f)
     ds = dataset_lib.open(dataset_path or meta["dataset"])
-    if ds.spec.order != predictor.spec.order or ds.spec.groups != predictor.spec.groups:
-        raise ValueError(
-            f"{ds.path}: modules differ from those {workdir} was trained on: "
-            + "; ".join(predictor.spec.diff(ds.spec))
-        )
+    check_match(
+        predictor.spec, ds.spec, f"{ds.path}: modules differ from those {workdir} was trained on"
+    )
     if split not in ds.splits:
         raise ValueError(f"{ds.path}: no split {split!r}; splits: {sorted(ds.splits)}")
     ids = np.sort(ds.splits[split])
     labels = tasks.encode(ds, predictor.targets)
-    source = pipeline.Source(ds, predictor.ranks, None, predictor.mesh)
+    layout = predictor.setup.layout
+    source = pipeline.Source(ds, predictor.ranks, None, predictor.mesh, layout)
     per_seed = results_lib.evaluate_split(
-        predictor._programs,
+        predictor.predict_fn(layout),
+        predictor.targets,
         predictor.params,
         predictor.consts,
         source,

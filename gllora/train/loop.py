@@ -23,11 +23,15 @@ resumes on another number of devices (checkpoints are restored onto the current 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
+import shutil
 import time
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -35,8 +39,7 @@ from tqdm import tqdm
 
 from gllora import models, parallel
 from gllora.io import dataset as dataset_lib
-from gllora.train import pipeline, tasks
-from gllora.train import programs as programs_lib
+from gllora.train import pipeline, steps, tasks
 from gllora.train import results as results_lib
 from gllora.train import state as state_lib
 
@@ -71,6 +74,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.shard_params must be one of {parallel.SHARD_PARAMS}, "
             f"got {config.shard_params!r}"
+        )
+    dtype = config.get("dtype", "float32")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"config.dtype must be 'float32' or 'float64', got {dtype!r}")
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError(
+            "config.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 (or "
+            "jax.config.update('jax_enable_x64', True)) before JAX starts"
         )
     if int(config.get("num_devices", 0)) < 0:
         raise ValueError(f"config.num_devices must be >= 0 (0: all), got {config.num_devices}")
@@ -138,45 +149,29 @@ class _MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def _warn_of_known_stall(model: str) -> None:
-    """MLP + SVD training can stall on jaxlib 0.10.2's multi-threaded CPU runtime
-    (BUILD_NOTES.md, "Known limits"); a process pinned to one core does not."""
-    import jax
+@dataclasses.dataclass
+class _Run:
+    """What a run reads before it trains: the data, the targets, the steps' setup."""
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    if model == "mlp_svd" and jax.default_backend() == "cpu" and cores > 1:
-        logging.warning(
-            "mlp_svd on a %d-core CPU: jaxlib 0.10.2 can stall this training at 0%% CPU; "
-            "if it stops making progress, run it pinned to one core (taskset -c 0 ...).",
-            cores,
-        )
+    config: ml_collections.ConfigDict
+    mesh: Any
+    ds: dataset_lib.Dataset
+    splits: dict[str, np.ndarray]
+    targets: list[tasks.Target]
+    labels: np.ndarray
+    seeds: list[int]
+    ranks: list[int]
+    setup: steps.Setup
+    steps_per_epoch: int
+    total_steps: int
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains ``config.num_seeds`` models and returns (and writes) the results.
-
-    Args:
-      config: see ``experiments/configs/default.py``.
-      workdir: where config, metrics, checkpoints and results go; an existing run of
-        the same config there is resumed.
-
-    Returns:
-      The contents of ``results.json``.
-    """
-    check_config(config)
-    _warn_of_known_stall(str(config.model))
-    mesh = parallel.make_mesh(int(config.get("num_devices", 0)))
-    main = parallel.is_main_process()
-    os.makedirs(workdir, exist_ok=True)
-    _check_workdir_config(workdir, config)
+def _open_run(config: ml_collections.ConfigDict, mesh) -> _Run:
+    """Reads the dataset, resolves the targets and builds the steps' setup; no device work."""
     ds = dataset_lib.open(config.dataset)
     splits = read_splits(ds)
     targets = tasks.resolve(ds, tuple(config.targets), splits["train"])
-    labels = tasks.encode(ds, targets)
-    num_outputs = sum(t.num_outputs for t in targets)
-    model = programs_lib.build_model(config, num_outputs)
-    seeds = _seeds(config)
-    S, B = len(seeds), int(config.batch_size)
+    B = int(config.batch_size)
     if len(splits["train"]) < B:
         raise ValueError(
             f"{ds.path}: the training split has {len(splits['train'])} LoRAs, fewer than "
@@ -185,82 +180,105 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     parallel.check_divisible(B, mesh, "config.batch_size")
     steps_per_epoch = len(splits["train"]) // B
     total_steps = steps_per_epoch * int(config.num_epochs)
-    tx = programs_lib.make_optimizer(config, total_steps)
-    programs = programs_lib.Programs(config, model, targets, tx, mesh)
-    ranks = ds.max_ranks()
+    return _Run(
+        config=config,
+        mesh=mesh,
+        ds=ds,
+        splits=splits,
+        targets=targets,
+        labels=tasks.encode(ds, targets),
+        seeds=_seeds(config),
+        ranks=ds.max_ranks(),
+        setup=steps.make_setup(config, targets, total_steps),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
 
+
+def _write_run_files(run: _Run, workdir: str, main: bool) -> None:
+    """``config.json`` and ``targets.json`` (what the Predictor needs to rebuild the model)."""
     # Process 0 writes the run's files; the others write to nowhere.
     where = (lambda name: os.path.join(workdir, name)) if main else (lambda name: os.devnull)
     with open(where("config.json"), "w") as f:
-        json.dump(_config_json(config), f, indent=1)
-    sizes = state_lib.extras_sizes(ds.batch(splits["train"][:1], ranks=ranks))
+        json.dump(_config_json(run.config), f, indent=1)
+    sizes = state_lib.extras_sizes(run.ds.batch(run.splits["train"][:1], ranks=run.ranks))
     with open(where("targets.json"), "w") as f:
         json.dump(
             {
-                "targets": [t.to_json() for t in targets],
-                "ranks": ranks,
-                "spec": dataset_lib.spec_to_json(ds.spec),
+                "targets": [t.to_json() for t in run.targets],
+                "ranks": run.ranks,
+                "spec": dataset_lib.spec_to_json(run.ds.spec),
                 "extras_sizes": sizes,
-                "dataset": os.path.abspath(ds.path),
-                "seeds": seeds,
+                "dataset": os.path.abspath(run.ds.path),
+                "seeds": run.seeds,
             },
             f,
             indent=1,
         )
 
-    state = state_lib.initial(config, ds, splits["train"], ranks, seeds, programs)
-    manager = state_lib.checkpoint_manager(workdir)
-    if manager.latest_step() is not None:
-        state = state_lib.restore(
-            manager, state
-        )  # onto this run's mesh, whatever the saving one was
-        logging.info("resumed from step %d", int(state["step"]))
-    start = int(state["step"])
-    log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start, enabled=main)
 
-    bytes_per_lora = sum(len(g.names) * (g.n + g.m) * r * 4 for g, r in zip(ds.spec.groups, ranks))
-    fits = len(splits["train"]) * bytes_per_lora <= config.in_memory_gb * 1e9
-    train_src = pipeline.Source(ds, ranks, splits["train"] if fits else None, mesh)
-    eval_src = {
-        name: pipeline.Source(ds, ranks, ids if fits else None, mesh)
-        for name, ids in splits.items()
-        if name != "train"
+def _sources(run: _Run) -> dict[str, pipeline.Source]:
+    """Every split's batches in the model's layout: held on the devices if they fit."""
+    bytes_per_lora = sum(
+        len(g.names) * (g.n + g.m) * r * 4 for g, r in zip(run.ds.spec.groups, run.ranks)
+    )
+    fits = len(run.splits["train"]) * bytes_per_lora <= run.config.in_memory_gb * 1e9
+    return {
+        name: pipeline.Source(run.ds, run.ranks, ids if fits else None, run.mesh, run.setup.layout)
+        for name, ids in run.splits.items()
     }
-    eval_src["train"] = train_src
+
+
+def _train(run: _Run, state, placed, manager, sources, log: _MetricsLog, main: bool):
+    """The epochs: steps, logged losses, validation after each epoch, best model, checkpoints."""
+    config, mesh, seeds = run.config, run.mesh, run.seeds
+    S, B = len(seeds), int(config.batch_size)
+    replicated = parallel.replicated(mesh)
+    train_step = jax.jit(
+        functools.partial(steps.train_step, run.setup),
+        donate_argnums=0,
+        out_shardings=(placed, replicated),
+    )
+    update_best = jax.jit(steps.update_best, donate_argnums=0, out_shardings=placed)
+    predict = make_predict(run.setup, mesh, sources["validation"].layout)
     # Labels [S, B, C] and weights [S, B] split along B like the batch: each process puts
     # only its devices' rows.
     label_sharding = parallel.split_along(mesh, 3, 1)
     rows = parallel.local_slice(B, mesh)
     w_dev = parallel.put(np.ones((S, B), np.float32), parallel.split_along(mesh, 2, 1))
 
-    indices = pipeline.step_indices(seeds, splits["train"], B, start, total_steps)
-
-    bar = tqdm(
-        total=total_steps,
-        initial=start,
-        disable=not (config.progress and main),
-        desc=config.model,
-        unit="step",
-        dynamic_ncols=True,
-    )
-    batches = pipeline.prefetch(train_src, indices)
-    t0, losses = time.perf_counter(), []
-    for step in range(start, total_steps):
+    start = int(state["step"])
+    indices = pipeline.step_indices(seeds, run.splits["train"], B, start, run.total_steps)
+    batches = pipeline.prefetch(sources["train"], indices)
+    bar, t0, losses = None, time.perf_counter(), []
+    for step in range(start, run.total_steps):
         ids, batch = next(batches)
-        y = parallel.host_to_global(labels[ids[:, rows]], label_sharding, (S, B, labels.shape[-1]))
-        state, loss = programs.train_step(state, batch, y, w_dev)
+        y = parallel.host_to_global(
+            run.labels[ids[:, rows]], label_sharding, (S, B, run.labels.shape[-1])
+        )
+        state, loss = train_step(state, batch, y, w_dev)
         losses.append(loss)
-        bar.update(1)
         done = step + 1
-        if done % config.log_every_steps == 0 or done % steps_per_epoch == 0:
+        if bar is None:  # after the first step, so its compilation is not in the ETA
+            bar = tqdm(
+                total=run.total_steps,
+                initial=done,
+                disable=not (config.progress and main),
+                desc=config.model,
+                unit="step",
+                dynamic_ncols=True,
+            )
+        else:
+            bar.update(1)
+        if done % config.log_every_steps == 0 or done % run.steps_per_epoch == 0:
             mean_loss = np.stack(parallel.to_host(losses)).mean(0)
             losses = []
             if not np.all(np.isfinite(mean_loss)):
                 bad = [seeds[i] for i in np.flatnonzero(~np.isfinite(mean_loss))]
                 raise FloatingPointError(
-                    f"training loss became NaN/Inf at step {done} for seeds {bad} ({config.model} on "
-                    f"{ds.path}); lower config.learning_rate (now {config.learning_rate}) or set "
-                    "config.grad_clip"
+                    f"training loss became NaN/Inf at step {done} for seeds {bad} "
+                    f"({config.model} on {run.ds.path}); lower config.learning_rate (now "
+                    f"{config.learning_rate}) or set config.grad_clip"
                 )
             log.write(
                 step=done,
@@ -270,26 +288,86 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
             bar.set_postfix(loss=f"{mean_loss.mean():.4f}")
             t0 = time.perf_counter()
-        if done % steps_per_epoch == 0:
-            epoch = done // steps_per_epoch
+        if done % run.steps_per_epoch == 0:
+            epoch = done // run.steps_per_epoch
             val = results_lib.evaluate_split(
-                programs,
+                predict,
+                run.targets,
                 state["params"],
                 state["consts"],
-                eval_src["validation"],
-                splits["validation"],
-                labels,
+                sources["validation"],
+                run.splits["validation"],
+                run.labels,
                 config.eval_batch_size,
             )
             val_loss = np.asarray([m["loss"] for m in val], np.float32)
-            state = programs.update_best(state, val_loss, np.int32(epoch))
+            state = update_best(state, val_loss, np.int32(epoch))
             log.write(step=done, epoch=epoch, split="validation", metrics=val)
-            if epoch % config.checkpoint_every_epochs == 0 or done == total_steps:
+            if epoch % config.checkpoint_every_epochs == 0 or done == run.total_steps:
                 state_lib.save(manager, done, state)
-    bar.close()
-    if manager.latest_step() != total_steps:
-        state_lib.save(manager, total_steps, state)
-    results = results_lib.final_results(programs, state, eval_src, splits, labels, config, seeds)
-    with open(where("results.json"), "w") as f:
+    if bar is not None:
+        bar.close()
+    if manager.latest_step() != run.total_steps:
+        state_lib.save(manager, run.total_steps, state)
+    return state, predict
+
+
+def make_predict(setup: steps.Setup, mesh, layout: str):
+    """:func:`steps.predict` jitted for batches in ``layout``, outputs replicated."""
+    return jax.jit(
+        functools.partial(steps.predict, setup, layout=layout),
+        out_shardings=parallel.replicated(mesh),
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains ``config.num_seeds`` models and returns (and writes) the results.
+
+    Args:
+      config: see ``experiments/configs/default.py``.
+      workdir: where config, metrics, checkpoints and results go; an existing run of
+        the same config there is resumed. A run that fails before its first checkpoint
+        in a workdir it created leaves no workdir behind.
+
+    Returns:
+      The contents of ``results.json``.
+    """
+    check_config(config)
+    mesh = parallel.make_mesh(int(config.get("num_devices", 0)))
+    main = parallel.is_main_process()
+    created = not os.path.exists(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        return _train_and_evaluate(config, workdir, mesh, main)
+    except BaseException:
+        checkpoints = os.path.join(workdir, "checkpoints")
+        if created and main and not (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+            shutil.rmtree(workdir, ignore_errors=True)  # nothing to resume: leave nothing
+        raise
+
+
+def _train_and_evaluate(config, workdir: str, mesh, main: bool) -> dict[str, Any]:
+    _check_workdir_config(workdir, config)
+    run = _open_run(config, mesh)
+    _write_run_files(run, workdir, main)
+
+    state, placed = state_lib.initial(
+        config, run.ds, run.splits["train"], run.ranks, run.seeds, run.setup, mesh
+    )
+    manager = state_lib.checkpoint_manager(workdir)
+    if manager.latest_step() is not None:
+        state = state_lib.restore(
+            manager, state
+        )  # onto this run's mesh, whatever the saving one was
+        logging.info("resumed from step %d", int(state["step"]))
+    log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), int(state["step"]), enabled=main)
+
+    sources = _sources(run)
+    state, predict = _train(run, state, placed, manager, sources, log, main)
+    results = results_lib.final_results(
+        predict, run.targets, state, sources, run.splits, run.labels, config, run.seeds
+    )
+    where = os.path.join(workdir, "results.json") if main else os.devnull
+    with open(where, "w") as f:
         json.dump(results, f, indent=1)
     return results

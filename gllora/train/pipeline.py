@@ -1,14 +1,16 @@
 """Input pipeline: batches of LoRAs for several seeds at once, with pinned shapes.
 
-Training batches hold ``S`` seeds x ``B`` examples in the rank-major layout
-(``u [k, n, S, B, r]``): the per-seed, per-example model sees ``[k, n, r]`` after two
-``vmap``s, and the batch axis sits beside the rank axis, where ``Phi @ u`` is one plain
-matrix product. Every group is padded to the dataset's largest rank, so every batch
-has the same shapes and the step compiles once.
+Training batches hold ``S`` seeds x ``B`` examples in the model's batch layout
+(:func:`gllora.models.layout`): ``"rank_major"`` (``u [k, n, S, B, r]``: the batch axis
+beside the rank axis, where GL-net's ``Phi @ u`` is one plain matrix product) or
+``"leading"`` (``u [S, B, k, n, r]``: per-example contractions such as Gram matrices and
+flattened factors). The per-seed, per-example model sees ``[k, n, r]`` after two
+``vmap``s either way (:func:`gllora.lora.batch_axes` says where the axes are). Every
+group is padded to the dataset's largest rank, so every batch has the same shapes and
+the step compiles once.
 
 Batches live on a device mesh (:mod:`gllora.parallel`): the example axis ``B`` is split
-over its devices (``u [k, n, S, B, r]`` along ``B``, ``rank [k, S, B]``, extras
-``[size, S, B]``); with one device that is a plain ``device_put``.
+over its devices; with one device that is a plain ``device_put``.
 
 Two sources of batches:
 - in memory: a split small enough (``config.in_memory_gb``, per device) is read once
@@ -37,38 +39,13 @@ from jax.sharding import Mesh
 
 from gllora import parallel
 from gllora.io.dataset import Dataset
-from gllora.lora import Lora, in_axes
+from gllora.lora import Lora, batch_axes, split_seeds, take_examples
+from gllora.spec import check_layout
 
 
-def seed_in_axes(batch: Lora) -> Lora:
-    """``vmap`` axes of the seed axis in a ``[k, n, S, B, r]`` batch (ranks ``[k, S, B]``)."""
-    return batch.replace(
-        u=tuple(-3 for _ in batch.u),
-        v=tuple(-3 for _ in batch.v),
-        rank=tuple(-2 for _ in batch.rank),
-        extras=jax.tree_util.tree_map(lambda _: -2, batch.extras),
-    )
-
-
-def split_seeds(batch: Lora, seeds: int) -> Lora:
-    """Reshapes a rank-major batch of ``S * B`` examples into ``[k, n, S, B, r]`` (no copy)."""
-
-    def split(x: np.ndarray, axis: int) -> np.ndarray:
-        shape, axis = list(x.shape), axis % x.ndim
-        shape[axis : axis + 1] = [seeds, shape[axis] // seeds]
-        return x.reshape(shape)
-
-    return batch.replace(
-        u=tuple(split(x, -2) for x in batch.u),
-        v=tuple(split(x, -2) for x in batch.v),
-        rank=tuple(split(x, -1) for x in batch.rank),
-        extras=jax.tree_util.tree_map(lambda x: split(x, -1), batch.extras),
-    )
-
-
-def batch_shardings(batch: Lora, mesh: Mesh) -> Lora:
-    """A rank-major batch (``[k, n, B, r]`` or ``[k, n, S, B, r]``) split along ``B``."""
-    return parallel.shardings_along(batch, in_axes(batch, "rank_major"), mesh)
+def batch_shardings(batch: Lora, mesh: Mesh, layout: str, *, seeds: bool = False) -> Lora:
+    """A batch in ``layout`` (with a seed axis if ``seeds``) split along ``B``."""
+    return parallel.shardings_along(batch, batch_axes(batch, layout, seeds=seeds), mesh)
 
 
 def epoch_order(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
@@ -94,7 +71,8 @@ def step_indices(
 
 
 class Source:
-    """Batches of one dataset at pinned ranks on a mesh, from device memory or streamed."""
+    """Batches of one dataset at pinned ranks, in one layout, on a mesh: from device
+    memory or streamed."""
 
     def __init__(
         self,
@@ -102,14 +80,16 @@ class Source:
         ranks: Sequence[int],
         in_memory_ids: np.ndarray | None,
         mesh: Mesh | None = None,
+        layout: str = "rank_major",
     ):
         self.ds = ds
         self.ranks = list(ranks)
         self.mesh = parallel.make_mesh() if mesh is None else mesh
+        self.layout = check_layout(layout)
         self._resident: Lora | None = None
         self._position: dict[int, int] = {}
         if in_memory_ids is not None:
-            host = ds.batch(in_memory_ids, layout="rank_major", ranks=self.ranks)
+            host = ds.batch(in_memory_ids, layout=self.layout, ranks=self.ranks)
             self._resident = parallel.put(host, parallel.replicated(self.mesh))
             self._position = {int(i): p for p, i in enumerate(in_memory_ids)}
             self._gathers: dict = {}  # one jitted gather per ids shape
@@ -119,9 +99,10 @@ class Source:
         return self._resident is not None
 
     def read(self, ids: np.ndarray) -> Lora:
-        """A rank-major batch of ``ids`` ``[B]`` or ``[S, B]`` on the mesh, split along ``B``.
+        """A batch of ``ids`` ``[B]`` or ``[S, B]`` on the mesh, split along ``B``.
 
-        ``u`` is ``[k, n, *ids.shape, r]``; every process passes the same ``ids`` and
+        The ids' axes take the place of the example axis of :attr:`layout` (``u [*ids,
+        k, n, r]`` or ``[k, n, *ids, r]``); every process passes the same ``ids`` and
         (when streaming) reads only its own devices' rows.
         """
         ids = np.asarray(ids)
@@ -132,12 +113,12 @@ class Source:
 
     def _gather(self, shape: tuple[int, ...]):
         if shape not in self._gathers:
+            gather = lambda resident, pos: take_examples(resident, pos, self.layout)
             abstract = jax.eval_shape(
-                _gather, self._resident, jax.ShapeDtypeStruct(shape, jnp.int32)
+                gather, self._resident, jax.ShapeDtypeStruct(shape, jnp.int32)
             )
-            self._gathers[shape] = jax.jit(
-                _gather, out_shardings=batch_shardings(abstract, self.mesh)
-            )
+            shardings = batch_shardings(abstract, self.mesh, self.layout, seeds=len(shape) == 2)
+            self._gathers[shape] = jax.jit(gather, out_shardings=shardings)
         return self._gathers[shape]
 
     def read_host(self, ids: np.ndarray) -> Lora:
@@ -147,35 +128,24 @@ class Source:
         """
         ids = np.asarray(ids)
         mine = ids[..., parallel.local_slice(ids.shape[-1], self.mesh)]
-        batch = self.ds.batch(mine.reshape(-1), layout="rank_major", ranks=self.ranks)
-        return split_seeds(batch, ids.shape[0]) if ids.ndim == 2 else batch
+        batch = self.ds.batch(mine.reshape(-1), layout=self.layout, ranks=self.ranks)
+        return split_seeds(batch, ids.shape[0], self.layout) if ids.ndim == 2 else batch
 
     def to_global(self, local: Lora, shape: tuple[int, ...]) -> Lora:
         """Global arrays from every process's :meth:`read_host` of a batch of ``shape`` ids."""
-        shardings = batch_shardings(local, self.mesh)
-        return parallel.host_to_global(local, shardings, _global_shapes(local, shape[-1]))
+        seeds = len(shape) == 2
+        axes = batch_axes(local, self.layout, seeds=seeds)
+        shardings = parallel.shardings_along(local, axes, self.mesh)
+        global_shapes = jax.tree_util.tree_map(
+            lambda x, axis: _with_size(x.shape, axis, shape[-1]), local, axes
+        )
+        return parallel.host_to_global(local, shardings, global_shapes)
 
 
-def _global_shapes(local: Lora, size: int):
-    """The shapes of ``local``'s leaves with the batch axis ``B`` at its global ``size``."""
-
-    def shape(x, axis):
-        out = list(x.shape)
-        out[axis % x.ndim] = size
-        return tuple(out)
-
-    return jax.tree_util.tree_map(shape, local, in_axes(local, "rank_major"))
-
-
-def _gather(resident: Lora, pos: jax.Array) -> Lora:
-    """Rows ``pos`` (any shape) of a rank-major batch; their axes replace ``B``."""
-    take = lambda x, axis: jnp.take(x, pos, axis=axis % x.ndim)
-    return resident.replace(
-        u=tuple(take(x, -2) for x in resident.u),
-        v=tuple(take(x, -2) for x in resident.v),
-        rank=tuple(take(x, -1) for x in resident.rank),
-        extras=jax.tree_util.tree_map(lambda x: take(x, -1), resident.extras),
-    )
+def _with_size(shape: tuple[int, ...], axis: int, size: int) -> tuple[int, ...]:
+    out = list(shape)
+    out[axis % len(shape)] = size
+    return tuple(out)
 
 
 def prefetch(

@@ -25,15 +25,16 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from gllora import lora as lora_lib
 from gllora import parallel
 from gllora.io import dataset as dataset_lib
-from gllora.lora import Lora
-from gllora.train import programs as programs_lib
+from gllora.lora import Lora, batch_axes
+from gllora.spec import LoraSpec, check_match
 from gllora.train import state as state_lib
-from gllora.train import tasks
+from gllora.train import steps, tasks
 
 
 class Predictor:
@@ -42,19 +43,21 @@ class Predictor:
     def __init__(
         self,
         workdir: str,
-        programs: programs_lib.Programs,
-        spec: lora_lib.LoraSpec,
+        config: ml_collections.ConfigDict,
+        setup: steps.Setup,
+        spec: LoraSpec,
         ranks: list[int],
         params,
         consts,
         seeds: list[int],
+        mesh: Mesh,
     ):
-        self.workdir, self.config, self.targets = workdir, programs.config, programs.targets
+        self.workdir, self.config, self.setup = workdir, config, setup
+        self.targets = setup.targets
         self.spec, self.ranks, self.seeds = spec, ranks, seeds
         self.params, self.consts = params, consts
-        self.mesh = programs.mesh
-        self._programs = programs
-        self._leading = jax.jit(self._apply_leading, out_shardings=parallel.replicated(self.mesh))
+        self.mesh = mesh
+        self._predict: dict[str, Any] = {}  # layout -> jitted steps.predict
 
     @classmethod
     def from_workdir(cls, workdir: str, mesh: Mesh | None = None) -> Predictor:
@@ -78,57 +81,119 @@ class Predictor:
         targets = [tasks.Target.from_json(t) for t in meta["targets"]]
         spec = dataset_lib.spec_from_json(meta["spec"], os.path.join(workdir, "targets.json"))
         ranks = meta["ranks"]
-        model = programs_lib.build_model(config, sum(t.num_outputs for t in targets))
-        steps = 1  # the optimizer's structure does not depend on the schedule length
+        # The optimiser's structure does not depend on the schedule's length.
+        setup = steps.make_setup(config, targets, total_steps=1)
         mesh = parallel.local_mesh() if mesh is None else mesh
-        programs = programs_lib.Programs(
-            config, model, targets, programs_lib.make_optimizer(config, steps), mesh
-        )
         abstract = state_lib.abstract_state(
-            programs, spec, ranks, meta["extras_sizes"], len(meta["seeds"])
+            setup, spec, ranks, meta["extras_sizes"], len(meta["seeds"])
         )
         # Restored onto this mesh, kernels split as in training where they divide evenly.
-        shardings = programs.place(abstract, strict=False)
-        target = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        placed = parallel.state_shardings(
+            abstract, mesh, config.get("shard_params", "none"), strict=False
         )
         manager = state_lib.checkpoint_manager(workdir)
         if manager.latest_step() is None:
             raise FileNotFoundError(f"{workdir}: no checkpoint yet; train first")
-        state = state_lib.restore(manager, target)
+        state = state_lib.restore_onto(manager, abstract, placed)
         return cls(
-            workdir, programs, spec, ranks, state["best_params"], state["consts"], meta["seeds"]
+            workdir,
+            config,
+            setup,
+            spec,
+            ranks,
+            state["best_params"],
+            state["consts"],
+            meta["seeds"],
+            mesh,
         )
 
-    def _apply_leading(self, params, consts, batch: Lora):
-        """``[S, B, num_outputs]`` for a batch with a leading axis."""
+    def predict_fn(self, layout: str):
+        """:func:`gllora.train.steps.predict` jitted for batches in ``layout`` on the mesh."""
+        if layout not in self._predict:
+            from gllora.train.loop import make_predict
 
-        def per_seed(p, c):
-            return jax.vmap(lambda x: self._programs._apply(p, c, x, False, None))(batch)
+            self._predict[layout] = make_predict(self.setup, self.mesh, layout)
+        return self._predict[layout]
 
-        return jax.vmap(per_seed)(params, consts)
+    def outputs(self, lora, layout: str = "leading") -> np.ndarray:
+        """Raw model outputs of every seed: ``[S, num_outputs]`` or ``[S, B, num_outputs]``.
 
-    def outputs(self, lora: Lora) -> np.ndarray:
-        """Raw model outputs of every seed: ``[S, num_outputs]`` or ``[S, B, num_outputs]``."""
-        if lora.spec.order != self.spec.order or lora.spec.groups != self.spec.groups:
-            raise ValueError(
-                f"{self.workdir}: the LoRA's modules differ from those the model was "
-                "trained on: " + "; ".join(self.spec.diff(lora.spec))
-            )
-        single = not lora.batch_shape
-        batch = lora_lib.stack([lora]) if single else lora
-        size = batch.batch_shape[0]
+        Args:
+          lora: one LoRA, a batch of them (``B`` in ``layout``; :func:`gllora.stack`
+            makes one), a list of LoRAs, or a list of adapter paths (read with
+            :func:`gllora.io.load_adapter`); lists give ``[S, B, num_outputs]``.
+        """
+        lora = self._as_lora(lora)
+        check_match(
+            self.spec,
+            lora.spec,
+            f"{self.workdir}: the LoRA's modules differ from those the model was trained on",
+        )
+        if lora.u[0].ndim == 3:  # one LoRA
+            return self.outputs(lora_lib.stack([lora]))[:, 0]
+        axes = batch_axes(lora, layout)
+        size = lora.u[0].shape[axes.u[0]]
         padded = parallel.round_up(size, self.mesh)
         if padded != size:  # copies of the last LoRA, so the batch splits over the devices
             rows = np.r_[np.arange(size), np.full(padded - size, size - 1)]
-            batch = jax.tree_util.tree_map(lambda x: x[rows], batch)
-        batch = parallel.put(batch, parallel.shardings_along(batch, 0, self.mesh))
-        out = parallel.to_host(self._leading(self.params, self.consts, batch))[:, :size]
-        return out[:, 0] if single else out
+            lora = jax.tree_util.tree_map(lambda x, a: x.take(rows, axis=a), lora, axes)
+        self._warn_if_ranks_unseen(lora)
+        batch = parallel.put(lora, parallel.shardings_along(lora, axes, self.mesh))
+        out = self.predict_fn(layout)(self.params, self.consts, batch)
+        return parallel.to_host(out)[:, :size]
 
-    def __call__(self, lora: Lora) -> dict[str, Any]:
+    def _as_lora(self, lora):
+        if isinstance(lora, (list, tuple)):
+            if not lora:
+                raise ValueError("Predictor: an empty list of LoRAs")
+            if all(isinstance(x, (str, os.PathLike)) for x in lora):
+                from gllora import io
+
+                lora = [io.load_adapter(os.fspath(x)) for x in lora]
+            ranks = [
+                max([self.ranks[g]] + [x.u[g].shape[-1] for x in lora])
+                for g in range(len(self.ranks))
+            ]
+            return lora_lib.stack([x.pad_rank(ranks) for x in lora])
+        if not isinstance(lora, Lora):
+            raise TypeError(
+                f"Predictor: expected a Lora, a list of Loras or a list of adapter paths, "
+                f"got {type(lora).__name__}"
+            )
+        return lora
+
+    def _warn_if_ranks_unseen(self, batch: Lora) -> None:
+        """Warns once per rank signature when inputs exceed the ranks the model trained on."""
+        seen = getattr(self, "_warned", set())
+        stored = tuple(int(u.shape[-1]) for u in batch.u)
+        if stored in seen:
+            return
+        seen.add(stored)
+        self._warned = seen
+        over = [
+            f"{g.describe()}: rank {r} (trained on {t})"
+            for g, r, t in zip(self.spec.groups, stored, self.ranks)
+            if r > t
+        ]
+        if over:
+            logging.warning(
+                "%s: inputs of ranks the model never saw in training (%s); %s",
+                self.workdir,
+                "; ".join(over),
+                _RANK_NOTE.get(self.config.model, "its predictions there are extrapolations"),
+            )
+
+    def __call__(self, lora, layout: str = "leading") -> dict[str, Any]:
         """Predictions averaged over seeds, in the targets' units (see :func:`tasks.decode`)."""
-        return tasks.decode(self.targets, self.outputs(lora).mean(axis=0))
+        return tasks.decode(self.targets, self.outputs(lora, layout).mean(axis=0))
+
+
+#: What a model does with a rank above the one it trained on.
+_RANK_NOTE = {
+    "mlp_svd": "mlp_svd keeps only the top singular values of the trained rank (truncation)",
+    "mlp_oalign": "mlp_oalign aligns to a template of the trained rank and drops the rest",
+    "mlp": "the raw-factor MLP takes one rank only",
+}
 
 
 def input_keys(inputs: str) -> list[str]:
@@ -186,7 +251,8 @@ def predict_inputs(
             chunk = mine[start : start + size]
             ids = np.asarray([int(k) for k in chunk])
             ids = np.concatenate([ids, np.repeat(ids[-1:], size - len(ids))])
-            rows.extend(_rows(predictor, chunk, ds.batch(ids, ranks=ranks)))
+            layout = predictor.setup.layout
+            rows.extend(_rows(predictor, chunk, ds.batch(ids, ranks=ranks, layout=layout), layout))
         return rows, []
     failures = []
     for start in range(0, len(mine), size):
@@ -194,32 +260,25 @@ def predict_inputs(
         for key in mine[start : start + size]:
             try:
                 lora = io.load_adapter(os.path.join(inputs, key))
-                if (
-                    lora.spec.order != predictor.spec.order
-                    or lora.spec.groups != predictor.spec.groups
-                ):
-                    raise ValueError(
-                        "modules differ from those the model was trained on: "
-                        + "; ".join(predictor.spec.diff(lora.spec)[:5])
-                    )
+                check_match(
+                    predictor.spec, lora.spec, "modules differ from those the model was trained on"
+                )
                 loaded.append((key, lora))
             except (ValueError, OSError) as e:
                 failures.append((key, str(e)))
         if not loaded:
             continue
-        ranks = [
-            max([predictor.ranks[g]] + [l.u[g].shape[-1] for _, l in loaded])
-            for g in range(len(predictor.ranks))
-        ]
-        padded = [l.pad_rank(ranks) for _, l in loaded]
-        padded += padded[-1:] * (size - len(padded))
-        rows.extend(_rows(predictor, [k for k, _ in loaded], lora_lib.stack(padded)))
+        batch = [lora for _, lora in loaded]
+        batch += batch[-1:] * (size - len(batch))  # one batch size: one compile
+        rows.extend(_rows(predictor, [k for k, _ in loaded], batch))
     return rows, failures
 
 
-def _rows(predictor: Predictor, keys: list[str], batch: Lora) -> list[dict[str, Any]]:
+def _rows(
+    predictor: Predictor, keys: list[str], batch, layout: str = "leading"
+) -> list[dict[str, Any]]:
     """Rows for ``keys``, the first ``len(keys)`` LoRAs of ``batch`` (the rest is padding)."""
-    decoded = predictor(batch)
+    decoded = predictor(batch, layout)
     return [{"input": key, **{c: v[i] for c, v in decoded.items()}} for i, key in enumerate(keys)]
 
 

@@ -7,37 +7,37 @@ from typing import Any
 import numpy as np
 
 from gllora import parallel
-from gllora.train import pipeline, tasks
-from gllora.train.programs import Programs
+from gllora.train import tasks
 
 
-def predict_split(
-    programs: Programs, params, consts, source: pipeline.Source, ids: np.ndarray, batch_size: int
-) -> np.ndarray:
+def predict_split(predict, params, consts, source, ids: np.ndarray, batch_size: int) -> np.ndarray:
     """Outputs of every seed on ``ids``: ``[S, N, num_outputs]`` (batches padded to one shape).
 
-    Batches are split over the source's mesh (``batch_size`` rounded up to a multiple of
-    its device count); the outputs come back whole on every process.
+    ``predict``: :func:`gllora.train.steps.predict` jitted for ``source.layout``. Batches
+    are split over the source's mesh (``batch_size`` rounded up to a multiple of its
+    device count); the outputs come back whole on every process.
     """
     size = parallel.round_up(batch_size, source.mesh)
     outs = []
     for start in range(0, len(ids), size):
         chunk = ids[start : start + size]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk))])
-        out = programs.predict(params, consts, source.read(padded))
+        out = predict(params, consts, source.read(padded))
         outs.append(parallel.to_host(out)[:, : len(chunk)])
     return np.concatenate(outs, axis=1)
 
 
 def evaluate_split(
-    programs, params, consts, source, ids, labels, batch_size
+    predict, targets, params, consts, source, ids, labels, batch_size
 ) -> list[dict[str, Any]]:
     """Per-seed metrics of ``params`` on ``ids``."""
-    outputs = predict_split(programs, params, consts, source, ids, batch_size)
-    return [tasks.metrics(programs.targets, out, labels[ids]) for out in outputs]
+    outputs = predict_split(predict, params, consts, source, ids, batch_size)
+    return [tasks.metrics(targets, out, labels[ids]) for out in outputs]
 
 
-def final_results(programs, state, sources, splits, labels, config, seeds) -> dict[str, Any]:
+def final_results(
+    predict, targets, state, sources, splits, labels, config, seeds
+) -> dict[str, Any]:
     """Metrics of each seed's best model on train, validation and test (read once, here)."""
     per_seed = [
         {"seed": s, "best_epoch": int(e)}
@@ -45,7 +45,8 @@ def final_results(programs, state, sources, splits, labels, config, seeds) -> di
     ]
     for split in ("train", "validation", "test"):
         metrics = evaluate_split(
-            programs,
+            predict,
+            targets,
             state["best_params"],
             state["consts"],
             sources[split],
@@ -57,7 +58,7 @@ def final_results(programs, state, sources, splits, labels, config, seeds) -> di
             entry[split] = m
     return {
         "model": config.model,
-        "targets": [t.name for t in programs.targets],
+        "targets": [t.name for t in targets],
         "num_seeds": len(seeds),
         "per_seed": per_seed,
         "summary": summarize(per_seed),

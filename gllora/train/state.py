@@ -1,53 +1,44 @@
-"""A run's state: every seed's parameters, optimiser state and best model, built on the
-mesh, and its orbax checkpoints (restored onto the current mesh, whatever the saving
-one was)."""
+"""A run's state on the mesh: built by one jitted program straight onto its shardings,
+checkpointed with orbax and restored onto the current mesh, whatever the saving one was."""
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
+from gllora import parallel
 from gllora.lora import Lora
-from gllora.train.programs import Programs, input_scales
+from gllora.train import steps
 
 
-def initial(config, ds, train_ids, ranks, seeds, programs: Programs) -> dict[str, Any]:
-    """The state of every seed before training, made on the mesh (see :meth:`gllora.train.programs.Programs.place`)."""
+def seed_keys(seeds) -> np.ndarray:
+    """The seeds' PRNG key data, ``[S, 2]``."""
+    return np.stack([np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds])
+
+
+def initial(config, ds, train_ids, ranks, seeds, setup: steps.Setup, mesh: Mesh):
+    """``(state, shardings)``: every seed's state before training, made on the mesh.
+
+    The state is replicated, but for ``GroupedDense`` kernels split under
+    ``config.shard_params`` (:func:`gllora.parallel.state_shardings`).
+    """
     # Each seed draws its own O-Align template from the training split; other models
     # only use it to learn the input shapes.
     template_ids = np.asarray([np.random.default_rng([s, 7]).choice(train_ids) for s in seeds])
-    scales = input_scales(ds, train_ids, ranks, config.input_scale)
+    scales = steps.input_scales(ds, train_ids, ranks, config.input_scale)
     templates = ds.batch(template_ids, ranks=ranks)
-    keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds])
-    build = functools.partial(_build, programs)
-    shardings = programs.place(jax.eval_shape(build, keys, templates, scales))
-    # Made by one jitted program straight onto its shardings: a split kernel is never
-    # whole on one device.
-    return jax.jit(build, out_shardings=shardings)(keys, templates, scales)
-
-
-def _build(programs: Programs, keys, templates: Lora, scales) -> dict[str, Any]:
-    """The initial state from the seeds' key data ``[S, 2]`` and templates ``[S, ...]``."""
-    init_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), 1))(keys)
-    params, consts = jax.vmap(programs._init, in_axes=(0, 0, None))(init_keys, templates, scales)
-    S = keys.shape[0]
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "consts": consts,
-        "opt_state": jax.vmap(programs.tx.init)(params),
-        # A copy: the train step donates its state, and one buffer cannot be donated twice.
-        "best_params": jax.tree_util.tree_map(jnp.copy, params),
-        "best_loss": jnp.full((S,), jnp.inf, jnp.float32),
-        "best_epoch": jnp.zeros((S,), jnp.int32),
-        "key": jnp.asarray(keys),
-    }
+    build = functools.partial(steps.create_train_state, setup)
+    keys = seed_keys(seeds)
+    abstract = jax.eval_shape(build, keys, templates, scales)
+    placed = parallel.state_shardings(abstract, mesh, config.get("shard_params", "none"))
+    # One jitted program straight onto the shardings: a split kernel is never whole on
+    # one device.
+    return jax.jit(build, out_shardings=placed)(keys, templates, scales), placed
 
 
 def zeros_lora(spec, ranks, extras_sizes, batch: int | None = None) -> Lora:
@@ -73,13 +64,15 @@ def extras_sizes(lora: Lora) -> dict[str, dict[str, int]]:
     }
 
 
-def abstract_state(programs: Programs, spec, ranks, sizes, num_seeds: int):
+def abstract_state(setup: steps.Setup, spec, ranks, sizes, num_seeds: int):
     """Shapes and dtypes of a run's state, for restoring a checkpoint without data."""
     key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     keys = jax.ShapeDtypeStruct((num_seeds, *key_data.shape), key_data.dtype)
     template = zeros_lora(spec, ranks, sizes, num_seeds)
     scales = tuple(np.ones(2, np.float32) for _ in spec.groups)
-    return jax.eval_shape(functools.partial(_build, programs), keys, template, scales)
+    return jax.eval_shape(
+        functools.partial(steps.create_train_state, setup), keys, template, scales
+    )
 
 
 def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
@@ -104,3 +97,11 @@ def restore(manager: ocp.CheckpointManager, like, step: int | None = None):
     return manager.restore(
         step if step is not None else manager.latest_step(), args=ocp.args.StandardRestore(abstract)
     )
+
+
+def restore_onto(manager: ocp.CheckpointManager, abstract, placed, step: int | None = None):
+    """The checkpoint restored onto ``placed`` shardings of the ``abstract`` state."""
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, placed
+    )
+    return restore(manager, target, step)
