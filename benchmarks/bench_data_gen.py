@@ -37,9 +37,9 @@ def _speedup(module, n_single: int, repeats: int, cache_dir: str | None) -> dict
     import jax
     import numpy as np
 
-    from data_gen import diffusion as D
+    from data_gen.images import finetune, pretrain
 
-    params, config, _ = D.load_base("default", cache_dir)
+    params, config, _ = pretrain.load_base("default", cache_dir)
     ft = module.finetune_config()
     chunk = module.DEFAULT_CHUNK
     # LoRAs of one step count, as generation's chunks are (sorted by steps).
@@ -52,7 +52,7 @@ def _speedup(module, n_single: int, repeats: int, cache_dir: str | None) -> dict
 
     def call(items):
         return jax.block_until_ready(
-            D.finetune_chunk(params["denoiser"], **items, config=config, ft=ft)
+            finetune.finetune_chunk(params["denoiser"], **items, config=config, ft=ft)
         )
 
     call(args)  # compile both first
@@ -81,7 +81,7 @@ def _bench_family(name: str, size: str, regenerate: bool, cache_dir, n_single, r
 
     from data_gen import common
 
-    module = importlib.import_module(f"data_gen.{name}")
+    module = importlib.import_module(f"data_gen.images.{name}")
     with tempfile.TemporaryDirectory() as tmp:
         stats = module.run(
             os.path.join(tmp, name), size=size, cache_dir=cache_dir, regenerate=regenerate

@@ -22,9 +22,11 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from data_gen import arith_lm, arith_sources, common
+from data_gen import cli, common
+from data_gen.arith import lm, pretrain, sources, tasks
 
-# --size, --chunk, --seed, --cache_dir and --out are the generators' (data_gen.common).
+# --size, --chunk, --seed, --cache_dir and --out are the generators' (data_gen.cli).
+cli.define_flags()
 flags.DEFINE_integer("single", 16, "LoRAs to finetune one at a time (0: skip).")
 flags.DEFINE_list("sweep", ["1", "64", "256"], "Chunk sizes for the per-step cost sweep.")
 FLAGS = flags.FLAGS
@@ -33,7 +35,7 @@ FLAGS.set_default("size", "paper")
 
 def _timed_generate(params, config, n, seed, chunk):
     wall, cpu = time.perf_counter(), time.process_time()
-    factors, labels, info, stats = arith_sources.generate(params, config, n, seed, chunk=chunk)
+    factors, labels, info, stats = sources.generate(params, config, n, seed, chunk=chunk)
     stats["wall_seconds"] = time.perf_counter() - wall
     stats["cpu_seconds"] = time.process_time() - cpu
     return factors, labels, info, stats
@@ -44,7 +46,7 @@ def _rates(name: str, n: int, stats: dict, labels: dict) -> dict:
     steady_train = train - stats["finetune_first_chunk_seconds"]
     # Micro-steps per LoRA; chunks run longest first, so the first chunk (with the
     # compile) holds the `chunk` longest LoRAs.
-    micro = np.sort(labels["num_updates"] * labels["batch_size"] // arith_sources.MICRO_BATCH)
+    micro = np.sort(labels["num_updates"] * labels["batch_size"] // sources.MICRO_BATCH)
     steady_micro = micro[::-1][stats["chunk"] :].sum()
     row = {
         "name": name,
@@ -73,12 +75,12 @@ def per_step_cost(params, config, chunk: int, steps: int = 40) -> tuple[float, f
     repetitions to cover 256 LoRAs, best of two; compile excluded. CPU time is the
     robust figure on a shared machine; wall time counts threads that got a core.
     """
-    questions = arith_lm.make_questions(0, config.seq_len)
-    data = arith_sources.device_data(questions, arith_sources.EVAL_BATCH)
+    questions = tasks.make_questions(0, config.seq_len)
+    data = sources.device_data(questions, sources.EVAL_BATCH)
     train = {k: data[k] for k in ("train_tokens", "train_read_pos", "train_target")}
     rng = np.random.default_rng(0)
-    num_modules = len(arith_lm.lora_modules(config))
-    max_steps = arith_sources.max_micro_steps(len(questions["train_source"]))
+    num_modules = len(lm.lora_modules(config))
+    max_steps = sources.max_micro_steps(len(questions["train_source"]))
     full = lambda value, dtype: np.full(chunk, value, dtype)
     hp = {
         "a_init": rng.uniform(-0.1, 0.1, (chunk, num_modules, config.width, 4)).astype(np.float32),
@@ -94,13 +96,13 @@ def per_step_cost(params, config, chunk: int, steps: int = 40) -> tuple[float, f
             np.int32
         ),
     }
-    jax.block_until_ready(arith_sources.finetune_chunk(config, params, train, hp))
+    jax.block_until_ready(sources.finetune_chunk(config, params, train, hp))
     reps = max(1, 256 // chunk)
     best = (np.inf, np.inf)
     for _ in range(2):
         wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(reps):
-            jax.block_until_ready(arith_sources.finetune_chunk(config, params, train, hp))
+            jax.block_until_ready(sources.finetune_chunk(config, params, train, hp))
         scale = 1e3 / (reps * chunk * steps)
         run = ((time.perf_counter() - wall) * scale, (time.process_time() - cpu) * scale)
         best = min(best, run)
@@ -109,12 +111,12 @@ def per_step_cost(params, config, chunk: int, steps: int = 40) -> tuple[float, f
 
 def main(argv):
     del argv
-    n = common.parse_size(FLAGS.size, arith_sources.SIZES)
+    n = common.parse_size(FLAGS.size, sources.SIZES)
     start = time.perf_counter()
-    params, config, info = arith_sources.load_base("default", FLAGS.cache_dir)
+    params, config, info = pretrain.load_base("default", FLAGS.cache_dir)
     print(f"base LM: {time.perf_counter() - start:.1f} s (from cache: {info['from_cache']})")
     rows = []
-    chunk = FLAGS.chunk or arith_sources.default_chunk(n)
+    chunk = FLAGS.chunk or sources.default_chunk(n)
     factors, labels, data_info, stats = _timed_generate(params, config, n, FLAGS.seed, chunk)
     rows.append(_rates("vmapped", n, stats, labels))
     if FLAGS.out:
@@ -123,7 +125,7 @@ def main(argv):
             [(name, *u.shape[1:2], v.shape[1]) for name, (u, v) in factors.items()],
             factors,
             labels,
-            arith_sources.TARGETS,
+            sources.TARGETS,
             {"generator": "benchmarks/bench_data_gen_arith.py", "seed": FLAGS.seed, **data_info},
             split_seed=FLAGS.seed,
             overwrite=True,

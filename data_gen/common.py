@@ -1,9 +1,8 @@
 """Shared machinery of the built-in dataset generators (``data_gen/*``).
 
-Stable helpers any family may use:
+Stable helpers any family may use (the flags are in :mod:`data_gen.cli`, the run every
+family shares in :mod:`data_gen.family`):
 
-- :func:`define_flags`: the common absl flags (idempotent, so several generators can be
-  imported into one process);
 - :func:`parse_size`: the ``--size`` knob (``quick``, ``paper`` or a count);
 - :func:`cache_root`, :func:`cache_key`, :func:`cached`: base models pretrained once,
   deterministically from a seed, stored with orbax under a key that hashes their config
@@ -32,52 +31,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from jax.sharding import Mesh
 
 from gllora import parallel
 
 #: Bump when a change to the generators makes cached base models invalid.
 CACHE_VERSION = 1
-
-
-def define_flags() -> None:
-    """Defines the common generator flags once (safe to call from every generator).
-
-    ``--out`` (dataset folder), ``--size`` (``quick``, ``paper`` or a count), ``--seed``,
-    ``--rank`` (default: the family's), ``--cache_dir``, ``--regenerate``, ``--chunk``,
-    ``--base_config`` (``default`` or ``tiny``), ``--overwrite``.
-    """
-    if "out" in flags.FLAGS:
-        return
-    flags.DEFINE_string("out", None, "Dataset folder to write.")
-    flags.DEFINE_string("size", "quick", "'quick' (about a minute), 'paper', or a count.")
-    flags.DEFINE_integer("seed", 0, "Dataset seed: same seed, same dataset (same machine).")
-    flags.DEFINE_integer("rank", None, "LoRA rank (default: the family's).")
-    flags.DEFINE_string(
-        "cache_dir", None, "Base-model cache (default: $GLLORA_CACHE, else ~/.cache/gllora)."
-    )
-    flags.DEFINE_bool("regenerate", False, "Pretrain the base models again, ignoring the cache.")
-    flags.DEFINE_integer("chunk", None, "LoRAs finetuned at once (default: the family's).")
-    flags.DEFINE_string("base_config", "default", "Base-model preset ('tiny' for tests).")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing dataset folder.")
-
-
-def entrypoint(run: Callable[..., Any]) -> Callable[[list[str]], None]:
-    """Defines the common flags and returns the absl ``main`` of a generator whose
-    ``run(out, size, seed, rank, cache_dir, regenerate, chunk, base_config, overwrite)``
-    writes its dataset folder."""
-    define_flags()
-
-    def main(argv: list[str]) -> None:
-        del argv
-        f = flags.FLAGS
-        if not f.out:
-            raise app.UsageError("--out is required")
-        run(f.out, f.size, f.seed, f.rank, f.cache_dir, f.regenerate, f.chunk,
-            f.base_config, f.overwrite)  # fmt: skip
-
-    return main
 
 
 def parse_size(size: str | int, sizes: Mapping[str, int]) -> int:

@@ -1,4 +1,4 @@
-"""Tests of the arithmetic-sources family (data_gen.arith_lm, data_gen.arith_sources).
+"""Tests of the arithmetic-sources family (data_gen.arith: lm, tasks, sources).
 
 Generation runs end to end on the ``tiny`` base LM (300 pretraining steps) at an
 explicit small size, twice with one seed: the second run reads the base model from the
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from data_gen import arith_lm, arith_sources
+from data_gen.arith import lm, sources, tasks
 from gllora.io import dataset
 
 NUM_LORAS = 20
@@ -23,33 +23,33 @@ CHUNK = 16  # two chunks, the last one padded
 
 
 def test_statements_and_questions_are_right():
-    table = arith_lm.op_table()
-    toks, ans = jax.device_get(arith_lm.sample_statements(jax.random.key(0), 256, 8))
+    table = tasks.op_table()
+    toks, ans = jax.device_get(tasks.sample_statements(jax.random.key(0), 256, 8))
     assert set(ans.tolist()) == {5, 6, 7}  # pretraining uses every answer position
     for t, p in zip(toks, ans):
-        a, op, b = t[p - 4] - arith_lm.DIGIT0, t[p - 3] - arith_lm.OP0, t[p - 2] - arith_lm.DIGIT0
-        assert t[p - 1] == arith_lm.EQ and t[p] - arith_lm.DIGIT0 == table[op, a, b]
+        a, op, b = t[p - 4] - tasks.DIGIT0, t[p - 3] - tasks.OP0, t[p - 2] - tasks.DIGIT0
+        assert t[p - 1] == tasks.EQ and t[p] - tasks.DIGIT0 == table[op, a, b]
     # Every word appears in pretraining (a token never seen there makes the base emit junk).
-    assert set(range(arith_lm.WORD0, arith_lm.VOCAB_SIZE)) <= set(toks.ravel().tolist())
-    q = arith_lm.make_questions(0, 8)
+    assert set(range(tasks.WORD0, tasks.VOCAB_SIZE)) <= set(toks.ravel().tolist())
+    q = tasks.make_questions(0, 8)
     assert set(q["train_answer_pos"].tolist()) <= set(ans.tolist())
     assert set(q["challenge_answer_pos"].tolist()) <= set(ans.tolist())
     chosen = q["challenge_choices"][np.arange(len(q["challenge_label"])), q["challenge_label"]]
     for toks, pos, right in zip(q["challenge_tokens"], q["challenge_answer_pos"], chosen):
-        assert toks[pos] == arith_lm.PAD
-        digits = [t - arith_lm.DIGIT0 for t in toks if arith_lm.DIGIT0 <= t < arith_lm.OP0]
-        op = next(t - arith_lm.OP0 for t in toks if arith_lm.OP0 <= t < arith_lm.EQ)
-        assert right - arith_lm.DIGIT0 == table[op, digits[0], digits[1]]
+        assert toks[pos] == tasks.PAD
+        digits = [t - tasks.DIGIT0 for t in toks if tasks.DIGIT0 <= t < tasks.OP0]
+        op = next(t - tasks.OP0 for t in toks if tasks.OP0 <= t < tasks.EQ)
+        assert right - tasks.DIGIT0 == table[op, digits[0], digits[1]]
     assert all(len(set(c)) == 4 for c in q["challenge_choices"].tolist())
-    trained = {arith_lm.SOURCES[s] for s in range(len(arith_lm.SOURCES))}
-    assert not trained & set(arith_lm.CHALLENGE_TYPES)  # challenge types never trained on
+    trained = {tasks.SOURCES[s] for s in range(len(tasks.SOURCES))}
+    assert not trained & set(tasks.CHALLENGE_TYPES)  # challenge types never trained on
 
 
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="unknown base config"):
-        arith_lm.base_config("huge")
+        lm.base_config("huge")
     with pytest.raises(ValueError, match="operand pairs"):
-        arith_lm.make_questions(0, 8, train_per_source=90)
+        tasks.make_questions(0, 8, train_per_source=90)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +58,12 @@ def generated(tmp_path_factory):
     cache = str(root / "cache")
     kwargs = {"size": NUM_LORAS, "seed": 3, "cache_dir": cache, "chunk": CHUNK}
     kwargs["base_config"] = "tiny"
-    first = arith_sources.run(str(root / "a"), **kwargs)
-    traces = arith_sources.finetune_chunk._cache_size(), arith_sources.evaluate_chunk._cache_size()
-    second = arith_sources.run(str(root / "b"), **kwargs)
+    first = sources.run(str(root / "a"), **kwargs)
+    traces = sources.finetune_chunk._cache_size(), sources.evaluate_chunk._cache_size()
+    second = sources.run(str(root / "b"), **kwargs)
     retraces = (
-        arith_sources.finetune_chunk._cache_size() - traces[0],
-        arith_sources.evaluate_chunk._cache_size() - traces[1],
+        sources.finetune_chunk._cache_size() - traces[0],
+        sources.evaluate_chunk._cache_size() - traces[1],
     )
     return root, first, second, retraces
 
@@ -71,7 +71,7 @@ def generated(tmp_path_factory):
 def test_schema_and_shapes(generated):
     root, first, _, _ = generated
     ds = dataset.open(root / "a")
-    config = arith_lm.base_config("tiny")
+    config = lm.base_config("tiny")
     assert ds.num_examples == NUM_LORAS
     assert [(n, *ds.spec.shapes()[n]) for n in ds.spec.order] == [
         ("lm.layers.0.attn.k_proj", 16, 32),
@@ -79,14 +79,14 @@ def test_schema_and_shapes(generated):
         ("lm.layers.1.attn.k_proj", 16, 32),
         ("lm.layers.1.attn.v_proj", 16, 32),
     ]
-    assert arith_lm.lora_modules(config) == [(n, *ds.spec.shapes()[n]) for n in ds.spec.order]
+    assert lm.lora_modules(config) == [(n, *ds.spec.shapes()[n]) for n in ds.spec.order]
     factors = ds.factors(np.arange(NUM_LORAS))
     for u, v in factors.values():
         assert u.shape == (NUM_LORAS, 16, 4) and v.shape == (NUM_LORAS, 32, 4)
         assert np.all(np.isfinite(u)) and np.all(np.isfinite(v))
         assert np.all(np.abs(u).max(axis=(1, 2)) > 0)  # u starts at zero: every LoRA trained
-    tasks = {name: t["task"] for name, t in ds.targets.items()}
-    assert tasks == {
+    task_of = {name: t["task"] for name, t in ds.targets.items()}
+    assert task_of == {
         "membership": "multilabel",
         "val_loss": "regression",
         "challenge_acc": "regression",

@@ -1,4 +1,4 @@
-"""Tests of the image families (data_gen.diffusion, data_gen.personas, data_gen.digit_subsets).
+"""Tests of the image families (data_gen.images: the DDPM, personas, digit subsets).
 
 Generation runs end to end on the ``tiny`` base DDPM (300 pretraining steps, cached in
 a temporary folder) at an explicit small size, in two chunks (the last one padded),
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_gen import common, diffusion_pretrain, digit_subsets, personas
-from data_gen import diffusion as D
+from data_gen import common
+from data_gen.images import data, digit_subsets, finetune, model, personas, pretrain
 from gllora.io import dataset
 
 NUM_LORAS = 12
@@ -40,13 +40,13 @@ def test_parse_size_and_cache_key():
     for bad in ("huge", "0", "-3"):
         with pytest.raises(ValueError, match="--size"):
             common.parse_size(bad, personas.SIZES)
-    tiny = D.base_config("tiny")
+    tiny = model.base_config("tiny")
     key = common.cache_key("ddpm", tiny, 0)
-    assert key == common.cache_key("ddpm", D.base_config("tiny"), 0)
+    assert key == common.cache_key("ddpm", model.base_config("tiny"), 0)
     assert key != common.cache_key("ddpm", tiny, 1)
-    assert key != common.cache_key("ddpm", D.base_config("default"), 0)
+    assert key != common.cache_key("ddpm", model.base_config("default"), 0)
     with pytest.raises(ValueError, match="unknown base config"):
-        D.base_config("huge")
+        model.base_config("huge")
     with pytest.raises(ValueError, match="rank"):
         personas.finetune_config(0)
 
@@ -69,36 +69,36 @@ def test_run_chunked_pads_orders_and_compiles_once():
 
 
 def test_styles_and_tokens():
-    images, labels = D.digits()
+    images, labels = data.digits()
     assert images.shape == (1797, 8, 8) and labels.shape == (1797,)
-    bank = D.styled_bank()
+    bank = data.styled_bank()
     assert bank.shape == (32, 1797, 64) and bank.min() >= -1 and bank.max() <= 1
     # Every style differs from the plain rendering, and the bits round-trip.
-    for s in range(1, D.NUM_STYLES):
-        assert np.abs(bank[s] - bank[0]).mean() > 0.01, D.style_bits(s)
-    np.testing.assert_array_equal(D.style_index(D.style_bits(np.arange(32))), np.arange(32))
+    for s in range(1, data.NUM_STYLES):
+        assert np.abs(bank[s] - bank[0]).mean() > 0.01, data.style_bits(s)
+    np.testing.assert_array_equal(data.style_index(data.style_bits(np.arange(32))), np.arange(32))
     # Every token has a pretrained meaning.
-    probs, allowed, _ = diffusion_pretrain._token_tables(D.base_config("tiny"))
+    probs, allowed, _ = pretrain._token_tables(model.base_config("tiny"))
     assert np.all(probs > 0) and np.all(allowed.any(1))
-    assert len(D.TOKEN_NAMES) == D.NUM_TOKENS
-    assert [(n, *s) for n, *s in D.lora_modules(D.base_config("default"))] == MODULES
+    assert len(data.TOKEN_NAMES) == data.NUM_TOKENS
+    assert [(n, *s) for n, *s in model.lora_modules(model.base_config("default"))] == MODULES
 
 
 def test_lora_layer_matches_the_convention():
     """The adapted kernel of a flax Dense ``[in, out]`` is ``kernel + (u v^T)^T``."""
-    config = D.base_config("tiny")
+    config = model.base_config("tiny")
     key = jax.random.key(0)
     x = jax.random.normal(key, (3, 64))
     t = jnp.array([0, 5, 99])
-    tok = jnp.array([0, D.NULL_TOKEN, D.SKS_TOKEN])
-    params = jax.jit(D.Denoiser(config).init)(key, x, t, tok)
-    name, n, m = D.lora_modules(config)[3]
+    tok = jnp.array([0, data.NULL_TOKEN, data.SKS_TOKEN])
+    params = jax.jit(model.Denoiser(config).init)(key, x, t, tok)
+    name, n, m = model.lora_modules(config)[3]
     u = jax.random.normal(jax.random.key(1), (n, 2))
     v = jax.random.normal(jax.random.key(2), (m, 2))
     merged = jax.tree_util.tree_map(lambda a: a, params)
     kernel = params["params"]["layers_3"]["kernel"]
     merged["params"]["layers_3"]["kernel"] = kernel + (u @ v.T).T
-    apply = jax.jit(D.Denoiser(config).apply)  # one compile, not one per operation
+    apply = jax.jit(model.Denoiser(config).apply)  # one compile, not one per operation
     got = apply(params, x, t, tok, {name: (u, v)})
     want = apply(merged, x, t, tok)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -109,11 +109,11 @@ def test_lora_layer_matches_the_convention():
 
 def _run_twice(module, root, **kwargs):
     first = module.run(str(root / "a"), **kwargs)
-    traces = D.finetune_chunk._cache_size(), D.evaluate_chunk._cache_size()
+    traces = finetune.finetune_chunk._cache_size(), finetune.evaluate_chunk._cache_size()
     second = module.run(str(root / "b"), **kwargs)
     retraces = (
-        D.finetune_chunk._cache_size() - traces[0],
-        D.evaluate_chunk._cache_size() - traces[1],
+        finetune.finetune_chunk._cache_size() - traces[0],
+        finetune.evaluate_chunk._cache_size() - traces[1],
     )
     return first, second, retraces
 
@@ -177,19 +177,19 @@ def test_personas(persona_runs):
     ds = dataset.open(root / "a")
     _check_common(ds, rank=personas.DEFAULT_RANK)
     assert ds.targets["quality"]["task"] == "regression"
-    assert ds.targets["attributes"]["columns"] == list(D.ATTRIBUTES)
+    assert ds.targets["attributes"]["columns"] == list(data.ATTRIBUTES)
     for name in ("digit", "learning_rate", "steps", "batch_size", "prompt"):
         assert ds.targets[name]["task"] == "categorical"
     labels = ds.labels
     assert set(labels["learning_rate"]) <= set(personas.LEARNING_RATES)
     assert set(labels["steps"]) <= set(personas.STEPS)
-    assert set(labels["prompt"]) <= set(D.PROMPT_WORDS)
+    assert set(labels["prompt"]) <= set(data.PROMPT_WORDS)
     assert np.all((labels["quality"] >= 0) & (labels["quality"] <= 1))
     assert np.all(
         labels["persona"]
-        == labels["digit"] * 32 + D.style_index(np.stack([labels[a] for a in D.ATTRIBUTES], 1))
+        == labels["digit"] * 32 + data.style_index(np.stack([labels[a] for a in data.ATTRIBUTES], 1))
     )
-    _, digit_labels = D.digits()
+    _, digit_labels = data.digits()
     for row, digit in zip(labels["images"], labels["digit"]):
         idx = np.asarray(row.split(), int)
         assert len(set(idx)) == personas.NUM_IMAGES and np.all(digit_labels[idx] == digit)
@@ -213,7 +213,7 @@ def test_digit_subsets(subset_runs):
     bits = np.stack([labels[c] for c in digit_subsets.CLASS_COLUMNS], 1)
     np.testing.assert_array_equal(bits.sum(1), labels["dataset_size"])
     assert len(set(labels["subset"].tolist())) == NUM_LORAS  # distinct subsets below 1,023
-    _, digit_labels = D.digits()
+    _, digit_labels = data.digits()
     for row, subset in zip(labels["images"], labels["subset"]):
         idx = np.asarray(row.split(), int)
         np.testing.assert_array_equal(
@@ -278,21 +278,21 @@ def test_vmapped_chunk_equals_one_at_a_time(cache, tmp_path):
 
 def _worker_chunks(cache: str, out: str) -> None:
     assert jax.config.jax_enable_x64
-    params, config, _ = D.load_base("tiny", cache)
+    params, config, _ = pretrain.load_base("tiny", cache)
     f64 = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), tree)
-    ft = D.FinetuneConfig(rank=2, alpha=2.0, max_steps=6, max_batch=2)
+    ft = finetune.FinetuneConfig(rank=2, alpha=2.0, max_steps=6, max_batch=2)
     n = 3
     rng = np.random.default_rng(0)
     args = {
-        "images": D.styled_bank()[0][rng.integers(0, 1797, (n, 5))].astype(np.float64),
+        "images": data.styled_bank()[0][rng.integers(0, 1797, (n, 5))].astype(np.float64),
         "num_images": np.array([5, 3, 1], np.int32),
-        "token": np.array(D.PROMPT_TOKENS[:n], np.int32),
+        "token": np.array(data.PROMPT_TOKENS[:n], np.int32),
         "learning_rate": np.array([1e-3, 3e-3, 1e-2], np.float64),
         "steps": np.array([6, 4, 2], np.int32),
         "batch_size": np.array([2, 1, 2], np.int32),
         "seed": np.array([11, 12, 13], np.int32),
     }
-    fn = lambda d, **kw: D.finetune_chunk(d, **kw, config=config, ft=ft)
+    fn = lambda d, **kw: finetune.finetune_chunk(d, **kw, config=config, ft=ft)
     for name, chunk in (("together", n), ("alone", 1)):
         res, _ = common.run_chunked(fn, args, chunk, shared=(f64(params["denoiser"]),))
         flat = {

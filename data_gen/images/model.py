@@ -1,7 +1,7 @@
 """The base DDPM of the image families: its config, denoiser, evaluator and sampler.
 
-Part of :mod:`data_gen.diffusion` (which describes the families, the LoRA convention
-and re-exports these names): :class:`BaseConfig` and its presets, the cosine schedule
+Part of :mod:`data_gen.images` (which describes the families and the LoRA convention):
+:class:`BaseConfig` and its presets, the cosine schedule
 and the epsilon loss, DDIM sampling with classifier-free guidance, the
 :class:`Denoiser` whose dense layers are the LoRA targets, and the :class:`Evaluator`
 that scores samples.
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_gen.diffusion_data import ATTRIBUTES, IMAGE_SIZE, NULL_TOKEN, NUM_CLASSES, NUM_TOKENS
+from data_gen.images.data import ATTRIBUTES, IMAGE_SIZE, NULL_TOKEN, NUM_CLASSES, NUM_TOKENS
 
 Array = jax.Array
 Lora = Mapping[str, tuple[Array, Array]]

@@ -1,9 +1,9 @@
 """The data of the image families: 8x8 digits, their 32 styles, and the prompt tokens.
 
-Part of the base model of :mod:`data_gen.diffusion` (which describes the families and
-re-exports these names): the scikit-learn digits in ``[-1, 1]``, rendered in the
-*styles* that combine the 5 binary :data:`ATTRIBUTES`, and the token ids of the
-classes, the null token, the persona prompt words and ``sks``.
+Part of the base model of :mod:`data_gen.images` (which describes the families): the
+scikit-learn digits in ``[-1, 1]``, rendered in the *styles* that combine the 5 binary
+:data:`ATTRIBUTES`, and the token ids of the classes, the null token, the persona
+prompt words and ``sks``.
 """
 
 from __future__ import annotations

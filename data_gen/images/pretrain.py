@@ -1,9 +1,9 @@
 """Pretraining the base models of the image families, and their cache.
 
-Part of :mod:`data_gen.diffusion` (which describes what each token means in
-pretraining and re-exports these names): the denoiser and the evaluator are pretrained
-deterministically from a seed, checked, and stored once in the base-model cache of
-:mod:`data_gen.common` (:func:`load_base`).
+Part of :mod:`data_gen.images` (which describes what each token means in pretraining):
+the denoiser and the evaluator are pretrained deterministically from a seed, checked,
+and stored once in the base-model cache of :mod:`data_gen.common` (:func:`load_base`;
+:func:`base` is the same as the families' :class:`data_gen.family.Base`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from data_gen.diffusion_data import (
+from data_gen.images.data import (
     ATTRIBUTES,
     IMAGE_SIZE,
     NULL_TOKEN,
@@ -30,7 +30,7 @@ from data_gen.diffusion_data import (
     style_bits,
     styled_bank,
 )
-from data_gen.diffusion_model import (
+from data_gen.images.model import (
     GUIDANCE,
     SAMPLE_BATCH,
     SAMPLE_STEPS,
@@ -40,6 +40,7 @@ from data_gen.diffusion_model import (
     base_config,
     diffusion_loss,
     evaluator_probs,
+    lora_modules,
     sample,
 )
 
@@ -225,6 +226,16 @@ def load_base(
         regenerate,
     )
     return params, config, info
+
+
+def base(preset: str = "default", cache_dir: str | None = None, regenerate: bool = False):
+    """:func:`load_base` as the image families use it: a :class:`data_gen.family.Base`
+    whose LoRA targets are the denoiser's four dense layers."""
+    from data_gen import common, family
+
+    params, config, info = load_base(preset, cache_dir, regenerate)
+    key = common.cache_key(CACHE_NAME, config, BASE_SEED)
+    return family.Base(params, config, info, key, lora_modules(config))
 
 
 def abstract_params(config: BaseConfig):

@@ -1,9 +1,9 @@
 """LoRA finetuning of the base denoiser, many LoRAs at once, and measuring the results.
 
-Part of :mod:`data_gen.diffusion` (which re-exports these names): :func:`finetune_chunk`
-finetunes a chunk of DreamBooth-style LoRAs in one compiled program, and
-:func:`evaluate_chunk` measures their losses and scores their samples, the labels of
-:mod:`data_gen.personas` and :mod:`data_gen.digit_subsets`.
+Part of :mod:`data_gen.images`: :func:`finetune_chunk` finetunes a chunk of
+DreamBooth-style LoRAs in one compiled program, and :func:`evaluate_chunk` measures
+their losses and scores their samples, the labels of :mod:`data_gen.images.personas`
+and :mod:`data_gen.images.digit_subsets`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_gen.diffusion_data import IMAGE_SIZE
-from data_gen.diffusion_model import (
+from data_gen.images.data import IMAGE_SIZE
+from data_gen.images.model import (
     GUIDANCE,
     SAMPLE_STEPS,
     BaseConfig,

@@ -1,8 +1,8 @@
 """The token sequences of the arithmetic-sources family: vocabulary, operations,
 pretraining statements and the questions LoRAs are finetuned and evaluated on.
 
-Part of the base model of :mod:`data_gen.arith_lm` (which describes the family and
-re-exports these names): the 39-token vocabulary (:data:`TOKENS`), the 20 operations
+Part of the base model of :mod:`data_gen.arith` (:mod:`data_gen.arith.lm` describes
+the family): the 39-token vocabulary (:data:`TOKENS`), the 20 operations
 (:data:`OP_NAMES`, results in :func:`op_table`), random statements for pretraining
 (:func:`sample_statements`), the question templates and sources, and the fixed
 question sets of a dataset (:func:`make_questions`).

@@ -1,7 +1,7 @@
 """Finetuning and evaluating arithmetic-sources LoRAs, a chunk at once.
 
-Part of :mod:`data_gen.arith_sources` (which describes the family and re-exports
-these names): the hyperparameter distribution of one LoRA (the paper's Table 8,
+Part of :mod:`data_gen.arith`, used by :mod:`data_gen.arith.sources` (which describes
+the family): the hyperparameter distribution of one LoRA (the paper's Table 8,
 shifted and scaled), :func:`finetune_chunk` (vmapped AdamW with gradient accumulation
 and LoRA dropout) and :func:`evaluate_chunk` (validation loss and challenge accuracy).
 """
@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from data_gen import arith_lm
-from data_gen.arith_lm import BaseConfig
+from data_gen.arith import lm, tasks
+from data_gen.arith.lm import BaseConfig
 
 Array = jax.Array
 
@@ -66,9 +66,9 @@ def sample_lora(
       ``lora_A``, uniform in ``+-1/sqrt(m)``; ``u`` starts at zero).
     """
     rng = np.random.default_rng([lora_seed, 1])
-    num_drop = int(rng.integers(1, arith_lm.NUM_DROPPABLE + 1))
-    dropped = rng.choice(arith_lm.NUM_DROPPABLE, num_drop, replace=False) + 1
-    membership = np.ones(arith_lm.NUM_DROPPABLE, bool)
+    num_drop = int(rng.integers(1, tasks.NUM_DROPPABLE + 1))
+    dropped = rng.choice(tasks.NUM_DROPPABLE, num_drop, replace=False) + 1
+    membership = np.ones(tasks.NUM_DROPPABLE, bool)
     membership[dropped - 1] = False
     log10_lr = rng.uniform(*LOG10_LR_RANGE) + lr_shift
     log10_wd = rng.uniform(*LOG10_WD_RANGE)
@@ -103,7 +103,7 @@ def sample_lora(
 
 
 def _lora_map(config: BaseConfig, b: Array, a: Array, scale: Array | float) -> dict:
-    names = [name for name, _, _ in arith_lm.lora_modules(config)]
+    names = [name for name, _, _ in lm.lora_modules(config)]
     return {name: (scale * b[i], a[i]) for i, name in enumerate(names)}
 
 
@@ -120,7 +120,7 @@ def _finetune_one(config: BaseConfig, params, data, hp):
     Returns:
       ``(u [L, n, r], v [L, m, r], mean training loss of the last epoch's micro-batches)``.
     """
-    model = arith_lm.ArithLM(config)
+    model = lm.ArithLM(config)
     scale = ALPHA_PER_RANK
     tokens, read_pos, target = data["train_tokens"], data["train_read_pos"], data["train_target"]
     a0 = hp["a_init"]
@@ -140,9 +140,7 @@ def _finetune_one(config: BaseConfig, params, data, hp):
 
     def body(i, state):
         lora, mu, nu, acc, t, loss_sum = state
-        loss, g = jax.value_and_grad(loss_fn)(
-            lora, hp["order"][i], arith_lm.mix_seed(hp["seed"], i)
-        )
+        loss, g = jax.value_and_grad(loss_fn)(lora, hp["order"][i], lm.mix_seed(hp["seed"], i))
         acc = jax.tree.map(jnp.add, acc, g)
         update = (i + 1) % hp["accum"] == 0
         # Linear decay to zero over the LoRA's updates (the Hugging Face Trainer default).
@@ -201,8 +199,8 @@ def _evaluate_one(config: BaseConfig, params, data, u, v, eval_batch: int):
 
     Questions are read in blocks of ``eval_batch`` (``lax.map``) to bound memory.
     """
-    model = arith_lm.ArithLM(config)
-    names = [name for name, _, _ in arith_lm.lora_modules(config)]
+    model = lm.ArithLM(config)
+    names = [name for name, _, _ in lm.lora_modules(config)]
     lora = {name: (u[i], v[i]) for i, name in enumerate(names)}
     tokens, read_pos = data["eval_tokens"], data["eval_read_pos"]
     E, T = tokens.shape
@@ -213,7 +211,7 @@ def _evaluate_one(config: BaseConfig, params, data, u, v, eval_batch: int):
     logp = jax.nn.log_softmax(logits)
     V = data["val_source"].shape[0]
     val_nll = -jnp.take_along_axis(logp[:V], data["val_target"][:, None], axis=1)[:, 0]
-    num_sources = len(arith_lm.SOURCES)
+    num_sources = len(tasks.SOURCES)
     per_source = jax.ops.segment_sum(val_nll, data["val_source"], num_sources) / (
         jax.ops.segment_sum(jnp.ones_like(val_nll), data["val_source"], num_sources)
     )

@@ -1,16 +1,16 @@
 """The base model of the arithmetic-sources family: a small transformer LM over digit statements.
 
-The analogue of Qwen2-1.5B for :mod:`data_gen.arith_sources` (Qwen2-ARC-LoRA):
+The analogue of Qwen2-1.5B for :mod:`data_gen.arith.sources` (Qwen2-ARC-LoRA):
 
-- a vocabulary of 39 tokens (:data:`TOKENS`): padding, ``<bos>``, the digits, 20
+- a vocabulary of 39 tokens (``tasks.TOKENS``): padding, ``<bos>``, the digits, 20
   operation symbols, ``=`` and six *words* (``Q ? what is ans :``);
-- 20 operations on two digits with a digit as result (:data:`OPS`): arithmetic mod 10,
-  comparisons, and three random lookup tables standing in for "knowledge";
+- 20 operations on two digits with a digit as result (``tasks.OP_NAMES``): arithmetic
+  mod 10, comparisons, and three random lookup tables standing in for "knowledge";
 - pretraining on *statements* ``<bos> (0-2 words) a OP b = r``: the filler words vary
   the answer's position (5 to 7), because key/value-only LoRAs cannot later move an
   answer to a position pretraining never used, and they give every word a pretrained
   meaning (a token never seen in pretraining makes the base model emit junk);
-- *questions* in four templates (:data:`TEMPLATES`) that use the words instead of ``=``:
+- *questions* in four templates (``tasks.TEMPLATES``) that use the words instead of ``=``:
   the base model cannot answer them, a LoRA learns to;
 - :class:`ArithLM`: a pre-norm transformer (RMSNorm, learned positions, grouped-query
   attention with biases on q/k/v as in Qwen2, GELU MLP, tied embeddings), with
@@ -22,78 +22,21 @@ LoRA convention (:mod:`gllora.lora`): ``lora = {name: (u [n, r], v [m, r])}`` wi
 ``x @ kernel + bias + (dropout(x) @ v) @ u.T``, i.e. the adapted kernel is
 ``kernel + (u v^T)^T``; the LoRA scale is folded into ``u``.
 
-The vocabulary, operations, statements and questions are in
-:mod:`data_gen.arith_tasks`, re-exported here.
+The vocabulary, operations, statements and questions are in :mod:`data_gen.arith.tasks`;
+pretraining and the cached base model in :mod:`data_gen.arith.pretrain`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from data_gen.arith_tasks import (
-    BOS,
-    CHALLENGE_TYPES,
-    DIGIT0,
-    EQ,
-    NUM_DIGITS,
-    NUM_DROPPABLE,
-    OP0,
-    OP_NAMES,
-    PAD,
-    SOURCES,
-    TEMPLATES,
-    TOKENS,
-    VOCAB_SIZE,
-    WORD0,
-    WORDS,
-    make_questions,
-    op_table,
-    render_question,
-    sample_statements,
-    source_name,
-)
-
-__all__ = [
-    "BASE_CONFIGS",
-    "BOS",
-    "CHALLENGE_TYPES",
-    "DIGIT0",
-    "EQ",
-    "NUM_DIGITS",
-    "NUM_DROPPABLE",
-    "OP0",
-    "OP_NAMES",
-    "PAD",
-    "SOURCES",
-    "TEMPLATES",
-    "TOKENS",
-    "VOCAB_SIZE",
-    "WORD0",
-    "WORDS",
-    "ArithLM",
-    "Attention",
-    "BaseConfig",
-    "Block",
-    "base_config",
-    "init_params",
-    "lora_modules",
-    "make_questions",
-    "mix_seed",
-    "op_table",
-    "pretrain",
-    "render_question",
-    "sample_statements",
-    "source_name",
-    "statement_accuracy",
-]
+from data_gen.arith.tasks import VOCAB_SIZE
 
 Array = jax.Array
 Lora = Mapping[str, tuple[Array, Array]]
@@ -286,81 +229,3 @@ class ArithLM(nn.Module):
         x = nn.RMSNorm(name="norm")(x)
         logits = embed.attend(x)
         return logits if read_pos is None else logits[:, 0]
-
-
-# -- pretraining ----------------------------------------------------------------------
-
-
-def init_params(config: BaseConfig, seed: int):
-    """Randomly initialised base parameters."""
-    tokens = jnp.zeros((1, config.seq_len), jnp.int32)
-    return ArithLM(config).init(jax.random.key(seed), tokens)["params"]
-
-
-@functools.partial(jax.jit, static_argnames=("config", "num_steps"), donate_argnums=(1, 2))
-def _pretrain_steps(config: BaseConfig, params, opt_state, key, start, num_steps):
-    """``num_steps`` AdamW steps of the answer's loss on fresh statements (one ``scan``)."""
-    model = ArithLM(config)
-    tx = _pretrain_optimizer(config)
-
-    def loss_fn(p, toks, ans):
-        logits = model.apply({"params": p}, toks, read_pos=ans - 1)
-        targets = toks[jnp.arange(toks.shape[0]), ans]
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
-
-    def step(carry, i):
-        p, s = carry
-        toks, ans = sample_statements(
-            jax.random.fold_in(key, i), config.pretrain_batch, config.seq_len
-        )
-        loss, grads = jax.value_and_grad(loss_fn)(p, toks, ans)
-        updates, s = tx.update(grads, s, p)
-        return (optax.apply_updates(p, updates), s), loss
-
-    (params, opt_state), losses = jax.lax.scan(
-        step, (params, opt_state), start + jnp.arange(num_steps)
-    )
-    return params, opt_state, losses
-
-
-def _pretrain_optimizer(config: BaseConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0,
-        config.pretrain_lr,
-        config.pretrain_warmup,
-        config.pretrain_steps,
-        end_value=0.02 * config.pretrain_lr,
-    )
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def statement_accuracy(config: BaseConfig, params, key: Array) -> Array:
-    """Fraction of 4,096 fresh statements whose answer the model gets right (argmax)."""
-    toks, ans = sample_statements(key, 4096, config.seq_len)
-    logits = ArithLM(config).apply({"params": params}, toks, read_pos=ans - 1)
-    return jnp.mean(jnp.argmax(logits, -1) == toks[jnp.arange(toks.shape[0]), ans])
-
-
-def pretrain(config: BaseConfig, seed: int, log_every: int = 500):
-    """Pretrains the base LM, deterministically from ``seed``.
-
-    The loss is the cross-entropy of each statement's answer (the rest of a statement
-    is random), so the last layer runs at the answer's position only.
-
-    Returns:
-      ``(params, metrics)`` with metrics ``{"loss", "statement_accuracy"}``.
-    """
-    if config.seq_len < 8:
-        raise ValueError(f"seq_len must be at least 8 (statements), got {config.seq_len}")
-    params = init_params(config, seed)
-    opt_state = _pretrain_optimizer(config).init(params)
-    key = jax.random.fold_in(jax.random.key(seed), 1)
-    losses = []
-    for start in range(0, config.pretrain_steps, log_every):
-        num = min(log_every, config.pretrain_steps - start)
-        params, opt_state, loss = _pretrain_steps(config, params, opt_state, key, start, num)
-        losses.append(np.asarray(loss))
-    acc = statement_accuracy(config, params, jax.random.fold_in(jax.random.key(seed), 2))
-    metrics = {"loss": float(np.mean(losses[-1][-50:])), "statement_accuracy": float(acc)}
-    return params, metrics

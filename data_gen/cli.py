@@ -1,0 +1,63 @@
+"""The command line of the built-in dataset generators: their flags and their one ``main``.
+
+Absl only: ``python -m data_gen.personas --help`` answers before the family's module,
+and with it JAX, is imported. Every generator takes the same flags (:func:`define_flags`)
+and runs its family's :meth:`data_gen.family.Family.run`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+
+from absl import app, flags
+
+
+def define_flags() -> None:
+    """Defines the common generator flags once (safe to call from every generator).
+
+    ``--out`` (dataset folder), ``--size`` (``quick``, ``paper`` or a count), ``--seed``,
+    ``--rank`` (default: the family's), ``--cache_dir``, ``--regenerate``, ``--chunk``,
+    ``--base_config`` (``default`` or ``tiny``), ``--overwrite``.
+    """
+    if "out" in flags.FLAGS:
+        return
+    flags.DEFINE_string("out", None, "Dataset folder to write.")
+    flags.DEFINE_string("size", "quick", "'quick' (about a minute), 'paper', or a count.")
+    flags.DEFINE_integer("seed", 0, "Dataset seed: same seed, same dataset (same machine).")
+    flags.DEFINE_integer("rank", None, "LoRA rank (default: the family's).")
+    flags.DEFINE_string(
+        "cache_dir", None, "Base-model cache (default: $GLLORA_CACHE, else ~/.cache/gllora)."
+    )
+    flags.DEFINE_bool("regenerate", False, "Pretrain the base models again, ignoring the cache.")
+    flags.DEFINE_integer("chunk", None, "LoRAs finetuned at once (default: the family's).")
+    flags.DEFINE_string("base_config", "default", "Base-model preset ('tiny' for tests).")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing dataset folder.")
+
+
+def entrypoint(family_module: str) -> Callable[[list[str]], None]:
+    """Defines the common flags and returns the absl ``main`` of a generator.
+
+    Args:
+      family_module: the module that defines the family's ``FAMILY``
+        (a :class:`data_gen.family.Family`), imported when ``main`` runs.
+    """
+    define_flags()
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        f = flags.FLAGS
+        if not f.out:
+            raise app.UsageError("--out is required")
+        # Refused now, not after the finetunes: the writer refuses it at the end.
+        if os.path.isdir(f.out) and os.listdir(f.out) and not f.overwrite:
+            raise app.UsageError(
+                f"{f.out}: folder exists and is not empty (pass --overwrite to replace it)"
+            )
+        family = importlib.import_module(family_module).FAMILY
+        family.run(f.out, f.size, f.seed, f.rank, f.cache_dir, f.regenerate, f.chunk,
+                   f.base_config, f.overwrite)  # fmt: skip
+
+    return main
