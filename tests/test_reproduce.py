@@ -202,3 +202,34 @@ def test_findings_of_experiments_not_run_say_so():
         "python -m experiments.reproduce --size=quick --out=o --experiments=attributes "
         "--parts=tables --models=glnet"
     )
+
+
+def test_peer_configs_follow_their_recipes_and_are_not_judged():
+    w2t = paper_config.get_config("sources:w2t:quick")
+    assert w2t.schedule == "cosine" and w2t.weight_decay == 1e-3
+    assert w2t.models.w2t.token_augment == 0.5  # classification: the authors' augmentation
+    assert paper_config.get_config("val_loss:w2t:quick").models.w2t.token_augment == 0.0
+    assert paper_config.get_config("val_loss:glnet:quick").schedule == "constant"
+    assert set(registry.PEERS) <= set(registry.MODELS) and registry.PAPER_MODELS == paper.MODELS
+    assert all("not in paper" in paper.MODEL_NAMES[m] for m in registry.PEERS)
+
+
+def test_any_structure_table_reads_mix_and_per_structure_runs():
+    from experiments.repro import anystructure
+
+    size = registry.SIZES["quick"]
+    bases, holdout = anystructure.BASES["quick"]
+    metric = lambda v: {"val_loss": {"r2": {"mean": v, "std": 0.01}}}
+    mix = {
+        "targets": ["val_loss"],
+        "summary_per_structure": {"test": {b: metric(0.9) for b in bases + (holdout,)}},
+    }
+    alone = {"targets": ["val_loss"], "summary": {"test": metric(0.8)}}
+    results = {("val_loss", "glnet_seq", "mix"): mix}
+    results.update({("val_loss", "glnet", b): alone for b in bases})
+    text = anystructure.table(size, results)
+    assert "held out: mid" in text and text.count("0.900 ± 0.010") == 4
+    assert text.count("0.800 ± 0.010") == 3 and "each base model alone" in text
+    spec = anystructure.dataset_spec(size)
+    cmd = spec.command(size, "/tmp/x", None)
+    assert "--base_configs=default,deep,wide,mid" in cmd and "--holdout=mid" in cmd

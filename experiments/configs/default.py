@@ -62,7 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.num_epochs = 60
     config.num_seeds = 3
     config.seed = 0
-    config.augment = "none"  # "gl" / "o": act by a random group element on every example
+    # "gl" / "o": act by a random group element on every example; "perm_sign": W2T's random
+    # permutation of rank components and joint sign flips (each with probability 0.5).
+    config.augment = "none"
     config.augment_max_cond = 4.0
     config.input_scale = True  # scale u, v per module group by 1/RMS on training data
     # "float64" (needs JAX_ENABLE_X64=1): runs that differ only in the order of sums

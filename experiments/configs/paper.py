@@ -3,7 +3,8 @@ r"""Configs of the section 5 reproduction: ``get_config("EXPERIMENT:MODEL[:SIZE]
 EXPERIMENT is one of ``quality``, ``attributes`` (personas), ``membership``,
 ``dataset_size`` (digit subsets), ``sources``, ``val_loss``, ``challenge_acc``
 (arithmetic sources); MODEL one of ``mlp``, ``mlp_oalign``, ``mlp_svd``, ``mlp_dense``,
-``glnet``; SIZE ``paper`` (default), ``quick`` or ``tiny`` (epochs and seeds, see
+``glnet`` or the peers ``w2t``, ``spectral``, ``glnet_seq`` (not in the paper; W2T with
+its authors' recipe, ``PEER_RECIPES``); SIZE ``paper`` (default), ``quick`` or ``tiny`` (epochs and seeds, see
 ``PROTOCOL``). The dataset folder is given on the command line. One run by hand::
 
     python -m data_gen.personas --size=paper --out=out/paper/data/personas
@@ -53,7 +54,15 @@ TARGETS = {
     "val_loss": ("val_loss",),
     "challenge_acc": ("challenge_acc",),
 }
-MODELS = ("mlp", "mlp_oalign", "mlp_svd", "mlp_dense", "glnet")
+MODELS = ("mlp", "mlp_oalign", "mlp_svd", "mlp_dense", "glnet", "w2t", "spectral", "glnet_seq")
+CLASSIFICATION = ("attributes", "membership", "dataset_size", "sources")
+
+#: The peers' own training recipes where they publish one, before tuning (issue 14):
+#: W2T: AdamW, weight decay 1e-3, cosine schedule, and (classification only) its
+#: permutation / sign-flip augmentation of the rank tokens with probability 0.5.
+PEER_RECIPES: dict[str, dict[str, Any]] = {
+    "w2t": {"weight_decay": 1e-3, "schedule": "cosine"},
+}
 
 #: ``{size: (num_seeds, {family: epochs})}``.
 PROTOCOL = {
@@ -146,10 +155,12 @@ HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
 
 def hparams(experiment: str, model: str) -> dict[str, Any]:
     """The tuned (or default) hyperparameters of one model on one experiment."""
-    out = {**BASE[FAMILY[experiment]], "model": {}}
+    out = {**BASE[FAMILY[experiment]], **PEER_RECIPES.get(model, {}), "model": {}}
+    if model == "w2t" and experiment in CLASSIFICATION:
+        out["model"]["token_augment"] = 0.5
     chosen = HPARAMS.get(experiment, {}).get(model, {})
     out.update({k: v for k, v in chosen.items() if k != "model"})
-    out["model"] = dict(chosen.get("model", {}))
+    out["model"] = {**out["model"], **chosen.get("model", {})}
     return out
 
 
@@ -174,7 +185,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.targets = TARGETS[experiment]
     config.model = model
     config.optimizer = "adamw"
-    config.schedule = "constant"
+    config.schedule = str(h.get("schedule", "constant"))
     config.batch_size = 32
     config.num_seeds = seeds
     config.num_epochs = epochs[FAMILY[experiment]]

@@ -16,6 +16,10 @@ MODEL_NAMES = {
     "mlp_svd": "MLP + SVD",
     "mlp_dense": "MLP + Dense",
     "glnet": "GL-net",
+    # Peers (issue 14), not in the paper.
+    "w2t": "W2T (not in paper)",
+    "spectral": "Spectral (not in paper)",
+    "glnet_seq": "GL-net-seq (not in paper)",
 }
 
 #: Table 2, CelebA-LoRA normalised CLIP score: train MSE, test MSE, Kendall's tau, R^2.

@@ -12,7 +12,7 @@ from typing import Any
 
 from experiments.repro import registry, runner, workers
 
-PARTS = ("tables", "figure4", "figure5")
+PARTS = ("tables", "figure4", "figure5", "any_structure")
 
 
 def train_command(experiment: str, model: str, size: str, dataset: str, workdir: str) -> str:
@@ -102,9 +102,13 @@ def reproduce(
                 )
         for (kind, model), future in analyses.items():
             (d3 if kind == "d3" else fig4)[model] = future.result()
+        if "any_structure" in parts:
+            anys = _any_structure(size, size_name, out, cache_dir, log, pool, models)
     finally:
         pool.close()  # frees the workers' memory before Figure 5
 
+    if "any_structure" not in parts:
+        anys = None
     fig5: list[dict] = []
     if "figure5" in parts:
         log.say("figure 5: " + ", ".join(size.gpt3))
@@ -129,7 +133,30 @@ def reproduce(
         "log": log,
         "seconds": seconds,
         "parts": parts,
+        "any_structure": anys,
         "experiments": tuple(e.name for e in experiments),
     }
     state["report"] = report.write(state)
     return state
+
+
+def _any_structure(size, size_name, out, cache_dir, log, pool, models) -> dict:
+    """The "any structure" experiment (:mod:`experiments.repro.anystructure`)."""
+    from experiments.repro import anystructure
+
+    spec = anystructure.dataset_spec(size)
+    mix = runner.ensure_dataset(spec, size, out, cache_dir, log)
+    futures = {}
+    for experiment, model, data, workdir in anystructure.runs(size, out, mix, models):
+        trained_on = os.path.basename(workdir)
+        futures[(experiment, model, trained_on)] = (
+            pool.submit(workers.train, experiment, model, size_name, data, workdir),
+            train_command(experiment, model, size_name, data, workdir),
+        )
+    results = {}
+    for key, (future, command) in futures.items():
+        res, seconds, status = future.result()
+        results[key] = res
+        log.record("train", "runs/any_structure/" + "/".join(key), command, seconds, status)
+        log.say(f"  any structure {'/'.join(key)}: {status} {runner.headline(res)}")
+    return {"dataset": mix, "results": results}

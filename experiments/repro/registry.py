@@ -1,6 +1,7 @@
 """What a reproduction of section 5 runs: sizes, datasets, experiments.
 
-Every experiment is one dataset and one target, trained with all five models; the
+Every experiment is one dataset and one target, trained with every model (the paper's
+five and the peers); the
 tables, Appendix D.3 and Figure 4 are computed from those runs (Figure 4 reuses the
 persona-attribute models). Sizes:
 
@@ -16,7 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 
-MODELS = ("mlp", "mlp_oalign", "mlp_svd", "mlp_dense", "glnet")
+#: The paper's five models (the findings judge these), then the peers of issue 14 (not in
+#: the paper: extra rows in every table, marked so).
+PAPER_MODELS = ("mlp", "mlp_oalign", "mlp_svd", "mlp_dense", "glnet")
+PEERS = ("w2t", "spectral", "glnet_seq")
+MODELS = PAPER_MODELS + PEERS
 #: Rank of the persona LoRAs the Figure 4 models are trained on.
 TRAIN_RANK = 4
 
@@ -103,6 +108,10 @@ class DatasetSpec:
     name: str  # folder name under DIR/data
     family: str
     rank: int | None = None  # None: the family's default
+    # Several base models into one multi-structure folder (arithmetic family only), one of
+    # them held out (all its LoRAs in the test split).
+    base_configs: tuple[str, ...] = ()
+    holdout: str | None = None
 
     @property
     def module(self) -> str:
@@ -119,7 +128,11 @@ class DatasetSpec:
         ]
         if self.rank is not None:
             args.append(f"--rank={self.rank}")
-        if size.base_config != "default":
+        if self.base_configs:
+            args.append(f"--base_configs={','.join(self.base_configs)}")
+            if self.holdout:
+                args.append(f"--holdout={self.holdout}")
+        elif size.base_config != "default":
             args.append(f"--base_config={size.base_config}")
         if cache_dir:
             args.append(f"--cache_dir={cache_dir}")

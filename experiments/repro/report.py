@@ -45,7 +45,7 @@ def command(state: dict[str, Any]) -> str:
     args = [f"--size={state['size'].name}", f"--out={state['out']}"]
     for flag, chosen, every in (
         ("experiments", state.get("experiments", ()), tuple(registry.EXPERIMENTS)),
-        ("parts", state.get("parts", ()), ("tables", "figure4", "figure5")),
+        ("parts", state.get("parts", ()), ("tables", "figure4", "figure5", "any_structure")),
         ("models", state["models"], registry.MODELS),
     ):
         if chosen and tuple(chosen) != tuple(every):
@@ -125,8 +125,10 @@ def write(state: dict[str, Any]) -> str:
         images += plots.figure4(state["fig4"], state["chance"].get("attributes"), out)
     if state["fig5"]:
         images += plots.figure5(state["fig5"], size.memory_cap_gb, out)
+    # The paper's findings are about its five models: the peers are reported, not judged.
+    paper_models = [m for m in models if m in registry.PAPER_MODELS]
     found = findings.all_findings(
-        runs, models, state["chance"], state["d3"], state["fig4"], state["fig5"]
+        runs, paper_models, state["chance"], state["d3"], state["fig4"], state["fig5"]
     )
     state["findings"] = found
     import jax
@@ -150,6 +152,10 @@ def write(state: dict[str, Any]) -> str:
         tables.table4(runs, models, state["d3"]),
         tables.table5(runs, models),
     ]
+    if state.get("any_structure"):
+        from experiments.repro import anystructure
+
+        sections.append(anystructure.table(size, state["any_structure"]["results"]))
     if state["fig4"]:
         sections += [
             "## Figure 4\n",

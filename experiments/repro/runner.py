@@ -69,6 +69,14 @@ def _matches(path: str, spec: registry.DatasetSpec, size: registry.Size) -> bool
     except (OSError, ValueError, KeyError):
         return False
     want_rank = spec.rank if spec.rank is not None else prov.get("rank")
+    if spec.base_configs:
+        return (
+            prov.get("generator") == spec.module
+            and str(prov.get("size")) == str(size.dataset_size[spec.family])
+            and prov.get("seed") == 0
+            and tuple(prov.get("base_configs", ())) == spec.base_configs
+            and prov.get("holdout") == spec.holdout
+        )
     return (
         prov.get("generator") == spec.module
         and str(prov.get("size")) == str(size.dataset_size[spec.family])

@@ -202,7 +202,9 @@ def figure5_table(rows: list[dict], cap_gb: float) -> str:
                 r["gpt3"],
                 f"{layers} x {d}",
                 paper.MODEL_NAMES[r["model"]],
-                f"{r['preprocess_s']:.3f}" if ok and r["model"] not in ("mlp", "glnet") else "-",
+                f"{r['preprocess_s']:.3f}"
+                if ok and r["model"] in ("mlp_oalign", "mlp_svd", "mlp_dense")
+                else "-",
                 f"{r['forward_s']:.2f}" if ok else "-",
                 str(r.get("forward_batch", "-")) if ok else "-",
                 f"{peak:.0f}" if ok else "-",

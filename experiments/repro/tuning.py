@@ -10,8 +10,13 @@ the quick-size datasets, each trial with 2 seeds and the quick protocol's epochs
 3. depth: MLP layers {1, 2, 3}, GL-net equivariant layers {1, 2};
 4. weight decay {0, 1e-2}.
 
+Peers (not in the paper): W2T hidden {64, 128, 256} and module layers {1, 2}, starting
+from its authors' recipe (``PEER_RECIPES``); GL-net-seq width {8, 16, 32} and
+transformer layers {1, 2}; the spectral detector's learning rates a decade higher
+(a linear model) and its aggregate (mean, mean and max) in place of a width.
+
 Each stage keeps the value with the lowest mean validation loss (the loss of each
-seed's best epoch): 7-8 trials per pair, 35 pairs.
+seed's best epoch): 7-8 trials per pair.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ WIDTHS = {
     "mlp_svd": ("hidden", (128, 256, 512)),
     "mlp_dense": ("hidden", (8, 16, 32)),
     "glnet": ("equiv_width", (8, 16, 32)),
+    "w2t": ("hidden", (64, 128, 256)),
+    "spectral": ("aggregate", ("mean", "mean_max")),  # a linear model: its features
+    "glnet_seq": ("width", (8, 16, 32)),
 }
 DEPTHS = {
     "mlp": ("depth", (1, 2, 3)),
@@ -34,7 +42,13 @@ DEPTHS = {
     "mlp_svd": ("depth", (1, 2, 3)),
     "mlp_dense": ("depth", (1, 2, 3)),
     "glnet": ("equiv_depth", (1, 2)),
+    "w2t": ("module_depth", (1, 2)),
+    "spectral": None,  # no depth
+    "glnet_seq": ("depth", (1, 2)),
 }
+#: Learning rates of the linear spectral head: it moves ~lr per step, so its grid is
+#: a decade higher.
+LINEAR_LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 WEIGHT_DECAYS = (0.0, 1e-2)
 SWEEP_SEEDS = 2
 
@@ -58,9 +72,15 @@ def sweep_pair(experiment: str, model: str, data: str, out: str) -> dict[str, An
 
     base = paper.BASE[paper.FAMILY[experiment]]
     width_key, widths = WIDTHS[model]
-    depth_key, depths = DEPTHS[model]
+    depth_key, depths = DEPTHS[model] or (None, ())
     defaults = default.model_defaults()[model]
-    best = {**base, "model": {width_key: defaults[width_key], depth_key: defaults[depth_key]}}
+    # The family's base and, for a peer, its authors' recipe (not earlier sweep choices).
+    best = {**base, **paper.PEER_RECIPES.get(model, {})}
+    best["model"] = {width_key: defaults[width_key]}
+    if model == "w2t" and experiment in paper.CLASSIFICATION:
+        best["model"]["token_augment"] = 0.5
+    if depth_key:
+        best["model"][depth_key] = defaults[depth_key]
     trials: dict[str, dict] = {}
 
     def trial(h: dict) -> float:
@@ -70,6 +90,7 @@ def sweep_pair(experiment: str, model: str, data: str, out: str) -> dict[str, An
                 "num_seeds": SWEEP_SEEDS,
                 "learning_rate": float(h["learning_rate"]),
                 "weight_decay": float(h["weight_decay"]),
+                "schedule": str(h.get("schedule", "constant")),
                 "model": h["model"],
             }
             config = workers.make_config(experiment, model, "quick", data, overrides)
@@ -86,10 +107,11 @@ def sweep_pair(experiment: str, model: str, data: str, out: str) -> dict[str, An
             print(f"  {experiment}/{model}/{name}: val loss {val['mean']:.4f}", flush=True)
         return trials[name]["val_loss"]
 
+    rates = LINEAR_LEARNING_RATES if model == "spectral" else LEARNING_RATES
     stages = [
-        ("learning_rate", False, LEARNING_RATES),
+        ("learning_rate", False, rates),
         (width_key, True, widths),
-        (depth_key, True, depths),
+        *([(depth_key, True, depths)] if depth_key else []),
         ("weight_decay", False, WEIGHT_DECAYS),
     ]
     for key, in_model, values in stages:

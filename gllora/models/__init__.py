@@ -1,8 +1,14 @@
-"""The five LoL models of the paper behind one registry.
+"""The five LoL models of the paper, and the peers users compare them with, behind one registry.
 
 >>> model = build("glnet", num_outputs=3)             # also "mlp", "mlp_oalign", "mlp_svd", "mlp_dense"
 >>> variables = model.init(key, lora)                 # ONE example
 >>> y = model.apply(variables, lora)                  # [num_outputs]
+
+Peers (not in the paper): ``w2t`` (Weight2Token's canonical rank tokens and transformers),
+``spectral`` (spectral statistics per module type and a linear head) and ``glnet_seq``
+(GL-invariant module tokens and a transformer across modules, for LoRAs of any
+structure). :func:`any_structure` says which models take LoRAs of several structures
+with one set of parameters.
 
 Training mode (dropout) is ``model.apply(variables, lora, train=True,
 rngs={"dropout": key})``.
@@ -15,7 +21,10 @@ from typing import Any
 import flax.linen as nn
 
 from gllora.models.glnet import GLNet, GLNetTrunk
+from gllora.models.glnet_seq import GLNetSeq
 from gllora.models.mlp import Mlp, MlpDense, MlpOAlign, MlpSvd
+from gllora.models.spectral import Spectral
+from gllora.models.w2t import W2T
 
 #: name -> (class, symmetry of its output). "gl": invariant to GL(r)^L; "o": to O(r)^L only.
 REGISTRY: dict[str, tuple[type[nn.Module], str | None]] = {
@@ -24,7 +33,14 @@ REGISTRY: dict[str, tuple[type[nn.Module], str | None]] = {
     "mlp_svd": (MlpSvd, "gl"),
     "mlp_dense": (MlpDense, "gl"),
     "glnet": (GLNet, "gl"),
+    # Peers (not in the paper).
+    "w2t": (W2T, "gl"),
+    "spectral": (Spectral, "gl"),
+    "glnet_seq": (GLNetSeq, "gl"),
 }
+
+#: The paper's five models, in the order of its tables.
+PAPER_MODELS = ("mlp", "mlp_oalign", "mlp_svd", "mlp_dense", "glnet")
 
 
 def names() -> tuple[str, ...]:
@@ -44,6 +60,13 @@ def layout(name: str) -> str:
     class attribute ``batch_layout`` says which is fastest for that model.
     """
     return _lookup(name)[0].batch_layout
+
+
+def any_structure(name: str) -> bool:
+    """Whether one set of the model's parameters takes LoRAs of different structures
+    (other depths, missing modules): its parameters are per module type and shape, not
+    per module (``glnet_seq``, ``spectral``)."""
+    return bool(getattr(_lookup(name)[0], "any_structure", False))
 
 
 def _lookup(name: str) -> tuple[type[nn.Module], str | None]:
@@ -77,13 +100,18 @@ def build(name: str, num_outputs: int, **hparams: Any) -> nn.Module:
 
 
 __all__ = [
+    "PAPER_MODELS",
+    "REGISTRY",
+    "W2T",
     "GLNet",
+    "GLNetSeq",
     "GLNetTrunk",
     "Mlp",
     "MlpDense",
     "MlpOAlign",
     "MlpSvd",
-    "REGISTRY",
+    "Spectral",
+    "any_structure",
     "build",
     "invariance",
     "layout",

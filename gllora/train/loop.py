@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from gllora import models, parallel
 from gllora.io import dataset as dataset_lib
-from gllora.train import pipeline, steps, tasks
+from gllora.io.dataset import multi as multi_lib
+from gllora.train import multi, pipeline, steps, tasks
 from gllora.train import results as results_lib
 from gllora.train import state as state_lib
 
@@ -56,8 +57,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.model not in config.models:
         raise ValueError(f"config.models has no hyperparameters for {config.model!r}")
-    if config.augment not in ("none", "gl", "o"):
-        raise ValueError(f"config.augment must be 'none', 'gl' or 'o', got {config.augment!r}")
+    if config.augment not in ("none", "gl", "o", "perm_sign"):
+        raise ValueError(
+            f"config.augment must be 'none', 'gl', 'o' or 'perm_sign', got {config.augment!r}"
+        )
     if config.optimizer not in ("adamw", "adam", "sgd"):
         raise ValueError(f"config.optimizer must be adamw, adam or sgd, got {config.optimizer!r}")
     if config.schedule not in ("constant", "cosine"):
@@ -168,7 +171,17 @@ class _Run:
 
 def _open_run(config: ml_collections.ConfigDict, mesh) -> _Run:
     """Reads the dataset, resolves the targets and builds the steps' setup; no device work."""
-    ds = dataset_lib.open(config.dataset)
+    if multi_lib.is_multi(config.dataset):
+        ds = multi_lib.MultiDataset(config.dataset)
+        if not models.any_structure(config.model):
+            raise ValueError(
+                f"{ds.path} holds LoRAs of {len(ds.structures)} structures "
+                f"({', '.join(ds.names())}); model {config.model!r} takes one structure (train it "
+                f"on one of {ds.path}/structures/*), models for several: "
+                f"{', '.join(m for m in models.names() if models.any_structure(m))}"
+            )
+    else:
+        ds = dataset_lib.open(config.dataset)
     splits = read_splits(ds)
     targets = tasks.resolve(ds, tuple(config.targets), splits["train"])
     B = int(config.batch_size)
@@ -178,7 +191,12 @@ def _open_run(config: ml_collections.ConfigDict, mesh) -> _Run:
             f"config.batch_size={B}"
         )
     parallel.check_divisible(B, mesh, "config.batch_size")
-    steps_per_epoch = len(splits["train"]) // B
+    if isinstance(ds, multi_lib.MultiDataset):
+        steps_per_epoch = multi.steps_per_epoch(ds, splits["train"], B)
+        ranks = [sub.max_ranks() for _, sub in ds.structures]
+    else:
+        steps_per_epoch = len(splits["train"]) // B
+        ranks = ds.max_ranks()
     total_steps = steps_per_epoch * int(config.num_epochs)
     return _Run(
         config=config,
@@ -188,7 +206,7 @@ def _open_run(config: ml_collections.ConfigDict, mesh) -> _Run:
         targets=targets,
         labels=tasks.encode(ds, targets),
         seeds=_seeds(config),
-        ranks=ds.max_ranks(),
+        ranks=ranks,
         setup=steps.make_setup(config, targets, total_steps),
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
@@ -201,13 +219,19 @@ def _write_run_files(run: _Run, workdir: str, main: bool) -> None:
     where = (lambda name: os.path.join(workdir, name)) if main else (lambda name: os.devnull)
     with open(where("config.json"), "w") as f:
         json.dump(_config_json(run.config), f, indent=1)
-    sizes = state_lib.extras_sizes(run.ds.batch(run.splits["train"][:1], ranks=run.ranks))
+    if isinstance(run.ds, multi_lib.MultiDataset):
+        # Several structures: the Predictor does not restore such runs (yet); the
+        # structures are recorded for the reader.
+        layout = {"structures": multi.spec_json(run.ds, run.ranks), "ranks": None, "spec": None}
+        sizes = {}
+    else:
+        layout = {"ranks": run.ranks, "spec": dataset_lib.spec_to_json(run.ds.spec)}
+        sizes = state_lib.extras_sizes(run.ds.batch(run.splits["train"][:1], ranks=run.ranks))
     with open(where("targets.json"), "w") as f:
         json.dump(
             {
                 "targets": [t.to_json() for t in run.targets],
-                "ranks": run.ranks,
-                "spec": dataset_lib.spec_to_json(run.ds.spec),
+                **layout,
                 "extras_sizes": sizes,
                 "dataset": os.path.abspath(run.ds.path),
                 "seeds": run.seeds,
@@ -219,6 +243,16 @@ def _write_run_files(run: _Run, workdir: str, main: bool) -> None:
 
 def _sources(run: _Run) -> dict[str, pipeline.Source]:
     """Every split's batches in the model's layout: held on the devices if they fit."""
+    if isinstance(run.ds, multi_lib.MultiDataset):
+        bytes_per_lora = max(
+            sum(len(g.names) * (g.n + g.m) * r * 4 for g, r in zip(sub.spec.groups, ranks))
+            for (_, sub), ranks in zip(run.ds.structures, run.ranks)
+        )
+        fits = len(run.splits["train"]) * bytes_per_lora <= run.config.in_memory_gb * 1e9
+        return {
+            name: multi.MultiSource(run.ds, run.ranks, ids, fits, run.mesh, run.setup.layout)
+            for name, ids in run.splits.items()
+        }
     bytes_per_lora = sum(
         len(g.names) * (g.n + g.m) * r * 4 for g, r in zip(run.ds.spec.groups, run.ranks)
     )
@@ -248,8 +282,12 @@ def _train(run: _Run, state, placed, manager, sources, log: _MetricsLog, main: b
     w_dev = parallel.put(np.ones((S, B), np.float32), parallel.split_along(mesh, 2, 1))
 
     start = int(state["step"])
-    indices = pipeline.step_indices(seeds, run.splits["train"], B, start, run.total_steps)
-    batches = pipeline.prefetch(sources["train"], indices)
+    if isinstance(run.ds, multi_lib.MultiDataset):
+        indices = multi.step_batches(seeds, run.ds, run.splits["train"], B, start, run.total_steps)
+        batches = multi.read_steps(sources["train"], indices)
+    else:
+        indices = pipeline.step_indices(seeds, run.splits["train"], B, start, run.total_steps)
+        batches = pipeline.prefetch(sources["train"], indices)
     bar, t0, losses = None, time.perf_counter(), []
     for step in range(start, run.total_steps):
         ids, batch = next(batches)

@@ -78,6 +78,11 @@ class Predictor:
             raise FileNotFoundError(
                 f"{workdir}: not a gllora run directory ({e.filename} is missing)"
             ) from None
+        if meta.get("structures"):
+            raise ValueError(
+                f"{workdir}: a run on a dataset of several structures; the Predictor restores "
+                "runs of one structure only (its results.json holds the metrics per structure)"
+            )
         targets = [tasks.Target.from_json(t) for t in meta["targets"]]
         spec = dataset_lib.spec_from_json(meta["spec"], os.path.join(workdir, "targets.json"))
         ranks = meta["ranks"]

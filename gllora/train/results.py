@@ -17,6 +17,19 @@ def predict_split(predict, params, consts, source, ids: np.ndarray, batch_size: 
     are split over the source's mesh (``batch_size`` rounded up to a multiple of its
     device count); the outputs come back whole on every process.
     """
+    if hasattr(source, "sources"):  # several structures: each structure's ids apart
+        out = None
+        which = source.ds.structure_of(ids)
+        for s, sub in enumerate(source.sources):
+            sel = np.flatnonzero(which == s)
+            if len(sel) == 0:
+                continue
+            local = source.ds.local_ids(ids[sel], s)
+            got = predict_split(predict, params, consts, sub, local, batch_size)
+            if out is None:
+                out = np.zeros((got.shape[0], len(ids), got.shape[2]), got.dtype)
+            out[:, sel] = got
+        return out
     size = parallel.round_up(batch_size, source.mesh)
     outs = []
     for start in range(0, len(ids), size):
@@ -56,12 +69,44 @@ def final_results(
         )
         for entry, m in zip(per_seed, metrics):
             entry[split] = m
-    return {
+        if hasattr(sources[split], "sources"):  # several structures: metrics of each too
+            outputs = predict_split(
+                predict,
+                state["best_params"],
+                state["consts"],
+                sources[split],
+                splits[split],
+                config.eval_batch_size,
+            )
+            for entry, out in zip(per_seed, outputs):
+                entry.setdefault("per_structure", {})[split] = _per_structure(
+                    sources[split].ds, out, splits[split], labels, targets
+                )
+    results = {
         "model": config.model,
         "targets": [t.name for t in targets],
         "num_seeds": len(seeds),
         "per_seed": per_seed,
         "summary": summarize(per_seed),
+    }
+    if "per_structure" in per_seed[0]:
+        results["summary_per_structure"] = {
+            split: {
+                name: mean_std([e["per_structure"][split][name] for e in per_seed])
+                for name in per_seed[0]["per_structure"][split]
+            }
+            for split in per_seed[0]["per_structure"]
+        }
+    return results
+
+
+def _per_structure(ds, outputs: np.ndarray, ids: np.ndarray, labels, targets) -> dict[str, Any]:
+    """``{structure: metrics}`` of one seed's ``outputs [N, C]`` on global ``ids``."""
+    which = ds.structure_of(ids)
+    return {
+        name: tasks.metrics(targets, outputs[which == s], labels[ids[which == s]])
+        for s, (name, _) in enumerate(ds.structures)
+        if (which == s).any()
     }
 
 

@@ -12,8 +12,9 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from gllora import parallel
+from gllora.io.dataset.multi import MultiDataset
 from gllora.lora import Lora
-from gllora.train import steps
+from gllora.train import multi, steps
 
 
 def seed_keys(seeds) -> np.ndarray:
@@ -27,11 +28,15 @@ def initial(config, ds, train_ids, ranks, seeds, setup: steps.Setup, mesh: Mesh)
     The state is replicated, but for ``GroupedDense`` kernels split under
     ``config.shard_params`` (:func:`gllora.parallel.state_shardings`).
     """
-    # Each seed draws its own O-Align template from the training split; other models
-    # only use it to learn the input shapes.
-    template_ids = np.asarray([np.random.default_rng([s, 7]).choice(train_ids) for s in seeds])
-    scales = steps.input_scales(ds, train_ids, ranks, config.input_scale)
-    templates = ds.batch(template_ids, ranks=ranks)
+    if isinstance(ds, MultiDataset):
+        scales = multi.input_scales(ds, train_ids, ranks, config.input_scale)
+        templates = multi.templates(ds, train_ids, ranks, seeds)
+    else:
+        # Each seed draws its own O-Align template from the training split; other models
+        # only use it to learn the input shapes.
+        template_ids = np.asarray([np.random.default_rng([s, 7]).choice(train_ids) for s in seeds])
+        scales = steps.input_scales(ds, train_ids, ranks, config.input_scale)
+        templates = ds.batch(template_ids, ranks=ranks)
     build = functools.partial(steps.create_train_state, setup)
     keys = seed_keys(seeds)
     abstract = jax.eval_shape(build, keys, templates, scales)

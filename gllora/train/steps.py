@@ -27,6 +27,7 @@ import optax
 
 from gllora import group, models
 from gllora.lora import Lora, batch_axes, seed_axes
+from gllora.models import w2t
 from gllora.train import tasks
 
 Array = jax.Array
@@ -40,7 +41,9 @@ class Setup:
     tx: optax.GradientTransformation
     targets: tuple[tasks.Target, ...]
     layout: str  # the model's batch layout (gllora.models.layout)
-    augment: str = "none"  # "gl" / "o": a random group element on every training example
+    # "gl" / "o": a random group element on every training example; "perm_sign": W2T's
+    # random permutation of the rank components and joint sign flips (each p = 0.5).
+    augment: str = "none"
     augment_max_cond: float = 4.0
     # Parameters, inputs and arithmetic; "float64" (with jax_enable_x64) makes runs that
     # differ only in summation order (devices, batching of seeds) agree to ~1e-15.
@@ -96,6 +99,8 @@ def scale_input(lora: Lora, scales: tuple[Array, ...]) -> Lora:
     LoRA entries of any magnitude (~1e-3 for real adapters) in the range where
     LayerNorm's epsilon does not swamp the signal.
     """
+    if isinstance(scales, dict):  # several structures: scales keyed by group key
+        scales = tuple(scales[g.key] for g in lora.spec.groups)
     return lora.replace(
         u=tuple(u * s[0] for u, s in zip(lora.u, scales)),
         v=tuple(v * s[1] for v, s in zip(lora.v, scales)),
@@ -133,13 +138,22 @@ def apply(
     if not train:
         return setup.model.apply(variables, lora)
     k_drop, k_aug = jax.random.split(key)
-    if setup.augment != "none":
+    if setup.augment == "perm_sign":
+        lora = w2t.augment_lora(k_aug, lora, 0.5)
+    elif setup.augment != "none":
         lora = group.random_action(k_aug, lora, setup.augment, max_cond=setup.augment_max_cond)
     return setup.model.apply(variables, lora, train=True, rngs={"dropout": k_drop})
 
 
-def _init_variables(setup: Setup, key: Array, template: Lora, scales) -> tuple[Any, Any]:
-    variables = setup.model.init(key, scale_input(template, scales))
+def _init_variables(setup: Setup, key: Array, template, scales) -> tuple[Any, Any]:
+    if isinstance(template, (tuple, list)):  # several structures: the union of their inits
+        from gllora.train.multi import merge_variables
+
+        variables = merge_variables(
+            [dict(setup.model.init(key, scale_input(t, scales))) for t in template]
+        )
+    else:
+        variables = dict(setup.model.init(key, scale_input(template, scales)))
     params = variables.pop("params")
     return _cast(params, setup.dtype), _cast({**variables, "input_scale": scales}, setup.dtype)
 
@@ -160,8 +174,10 @@ def create_train_state(setup: Setup, keys: Array, templates: Lora, scales) -> di
     Args:
       keys: the seeds' PRNG key data, ``[S, 2]``.
       templates: one LoRA per seed, ``[S, ...]`` (layout ``"leading"``): the input shapes,
-        and O-Align's template.
-      scales: the input scales (:func:`input_scales`), shared by the seeds.
+        and O-Align's template; for a dataset of several structures, a tuple of them,
+        one per structure (the parameters are the union of the inits).
+      scales: the input scales (:func:`input_scales`), shared by the seeds (a dict by
+        group key for several structures).
 
     Returns:
       ``{"step", "params", "consts", "opt_state", "best_params", "best_loss",

@@ -185,6 +185,11 @@ def read_schema(path: str, folder: str) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(schema, dict):
         raise ValueError(f"{path}: the schema must be a JSON object")
+    if schema.get("format") == FORMAT + ".multi":
+        raise ValueError(
+            f"{path}: {folder} holds LoRAs of several structures; open one of its "
+            "structures/<name> folders, or the whole with gllora.io.dataset.multi.MultiDataset"
+        )
     if schema.get("format") != FORMAT:
         raise ValueError(f"{path}: format {schema.get('format')!r} is not {FORMAT!r}")
     if schema.get("version") != VERSION:
