@@ -19,7 +19,9 @@ def define_flags() -> None:
 
     ``--out`` (dataset folder), ``--size`` (``quick``, ``paper`` or a count), ``--seed``,
     ``--rank`` (default: the family's), ``--cache_dir``, ``--regenerate``, ``--chunk``,
-    ``--base_config`` (``default`` or ``tiny``), ``--overwrite``.
+    ``--base_config`` (``default`` or ``tiny``), ``--overwrite``; ``--base_configs`` and
+    ``--holdout`` (several presets into one dataset of several structures,
+    :mod:`data_gen.multi`).
     """
     if "out" in flags.FLAGS:
         return
@@ -34,6 +36,14 @@ def define_flags() -> None:
     flags.DEFINE_integer("chunk", None, "LoRAs finetuned at once (default: the family's).")
     flags.DEFINE_string("base_config", "default", "Base-model preset ('tiny' for tests).")
     flags.DEFINE_bool("overwrite", False, "Replace an existing dataset folder.")
+    flags.DEFINE_list(
+        "base_configs",
+        [],
+        "Several base-model presets into one dataset of several structures (data_gen.multi).",
+    )
+    flags.DEFINE_string(
+        "holdout", None, "With --base_configs: the preset whose LoRAs are all test."
+    )
 
 
 def entrypoint(family_module: str) -> Callable[[list[str]], None]:
@@ -57,6 +67,17 @@ def entrypoint(family_module: str) -> Callable[[list[str]], None]:
                 f"{f.out}: folder exists and is not empty (pass --overwrite to replace it)"
             )
         family = importlib.import_module(family_module).FAMILY
+        if f.base_configs:
+            from data_gen import multi
+
+            try:
+                multi.run_multi(family, f.out, f.base_configs, f.holdout, f.size, f.seed, f.rank,
+                                f.cache_dir, f.regenerate, f.chunk, f.overwrite)  # fmt: skip
+            except ValueError as e:
+                raise app.UsageError(str(e)) from None
+            return
+        if f.holdout:
+            raise app.UsageError("--holdout needs --base_configs")
         family.run(f.out, f.size, f.seed, f.rank, f.cache_dir, f.regenerate, f.chunk,
                    f.base_config, f.overwrite)  # fmt: skip
 

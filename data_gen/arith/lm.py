@@ -77,10 +77,18 @@ class BaseConfig:
         return self.num_kv_heads * self.head_dim
 
 
-#: Presets: ``default`` (the real base LM) and ``tiny`` (a few hundred steps, for tests).
+#: Presets: ``default`` (the real base LM) and ``tiny`` (a few hundred steps, for tests);
+#: other depths and widths for datasets of several structures (``--base_configs``):
+#: ``deep`` (4 layers), ``mid`` (3), ``wide`` (width 96, key/value ``[48, 96]``), and
+#: ``tiny_deep`` (4 layers), ``tiny_mid`` (3) of the tiny width.
 BASE_CONFIGS = {
     "default": BaseConfig(),
     "tiny": BaseConfig(width=32, mlp=64, pretrain_steps=300, pretrain_batch=128),
+    "deep": BaseConfig(num_layers=4),
+    "mid": BaseConfig(num_layers=3),
+    "wide": BaseConfig(width=96, mlp=192),
+    "tiny_deep": BaseConfig(width=32, mlp=64, num_layers=4, pretrain_steps=300, pretrain_batch=128),
+    "tiny_mid": BaseConfig(width=32, mlp=64, num_layers=3, pretrain_steps=300, pretrain_batch=128),
 }
 
 
