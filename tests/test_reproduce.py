@@ -75,10 +75,76 @@ def test_paper_configs():
 def test_figure5_memory_plan():
     layers, d = timing.GPT3["175B"]
     dense = timing.plan("mlp_dense", layers, d, 6 << 30, 64, 64, {})
-    assert dense["forward_batch"] == 0  # 175B dense products cannot fit in 6 GB
+    assert dense["forward_batch"] == 0  # the kernel alone, 96 x 12288^2 x 16 floats
+    assert dense["forward_planned_mb"] > dense["params_mb"] > 6 << 10
     layers, d = timing.GPT3["125M"]
     glnet = timing.plan("glnet", layers, d, 6 << 30, 64, 64, {})
     assert glnet["forward_batch"] == 64 and glnet["params_mb"] < 64
+
+
+def test_figure5_plan_reads_the_compiled_programs():
+    """The need of a batch is XLA's buffer assignment of that very program (plus the
+    stated scratch), and a cap between two batches' needs picks the smaller batch."""
+    layers, d = timing.GPT3["125M"]
+    roomy = timing.plan("mlp_dense", layers, d, 6 << 30, 16, 16, {})
+    assert roomy["forward_batch"] == 16
+    need16 = roomy["forward_planned_mb"]
+    # MLP+Dense's need: its kernel (12 x 768^2 x 16 floats) and the inputs, plus what the
+    # batch adds; the products of the batch (16 x 12 x 768^2 floats, 432 MB) are not in it.
+    kernel_mb = 12 * 768 * 768 * 16 * 4 / 2**20
+    held = (need16 - timing.SCRATCH_MB) / (1 + timing.SCRATCH_FRACTION)
+    assert kernel_mb < held < kernel_mb + 100
+    tight = timing.plan("mlp_dense", layers, d, int((need16 - 1) * 2**20), 16, 16, {})
+    assert 0 < tight["forward_batch"] < 16 and tight["forward_planned_mb"] < need16
+    none = timing.plan("mlp_dense", layers, d, int(kernel_mb * 2**20), 16, 16, {})
+    assert none["forward_batch"] == 0
+
+
+def test_figure5_records_tell_out_of_memory_from_other_failures():
+    assert timing.failure(MemoryError("x"))["status"] == "oom"
+    exhausted = timing.failure(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating"))
+    assert exhausted["status"] == "oom" and exhausted["oom_kind"] == "allocation"
+    other = timing.failure(RuntimeError("INTERNAL: YNNPACK operation failed: error"))
+    assert other["status"] == "error" and other["error_type"] == "RuntimeError"
+    assert other["error"] == "INTERNAL: YNNPACK operation failed: error"
+    bug = timing.failure(ValueError("product_dense: a [3, 6, 2] and b [3, 10, 3]"))
+    assert bug["status"] == "error" and "product_dense" in bug["reason"]
+    # A child's RESULT line is kept; library diagnostics on stderr turn an opaque error
+    # into the allocation failure it was (YNNPACK's own, or a C++ bad_alloc).
+    ok = timing.from_process(0, 'noise\nRESULT {"status": "ok", "forward_s": 1.0}\n', "")
+    assert ok == {"status": "ok", "forward_s": 1.0}
+    line = 'RESULT {"status": "error", "error": "INTERNAL: YNNPACK operation failed"}\n'
+    ynn = timing.from_process(0, line, "allocate of <3> failed.\n")
+    assert (ynn["status"], ynn["oom_kind"]) == ("oom", "allocation")
+    assert ynn["error"] == "INTERNAL: YNNPACK operation failed" and "allocate" in ynn["stderr_tail"]
+    plain = timing.from_process(0, line, "some warning\n")
+    assert plain["status"] == "error" and "oom_kind" not in plain
+    bad_alloc = "terminate called after throwing an instance of 'std::bad_alloc'\n"
+    assert timing.from_process(-6, "", bad_alloc)["oom_kind"] == "allocation"
+    killed = timing.from_process(-9, "", "")
+    assert (killed["status"], killed["oom_kind"]) == ("oom", "killed")
+    crashed = timing.from_process(-11, "", "Segmentation fault")
+    assert crashed["status"] == "error" and crashed["error_type"] == "signal 11"
+    assert timing.from_process(1, "", "Traceback ...")["status"] == "error"
+
+
+@pytest.mark.slow
+def test_figure5_measured_peak_stays_within_the_plan():
+    """One measurement, in its own capped process as the reproduction runs it."""
+    import subprocess
+    import sys
+
+    args = ["--model=mlp_dense", "--gpt3=125M", "--preprocess=8", "--forward=16"]
+    args += ["--batch=8", "--cap_gb=2.0"]
+    cmd = [sys.executable, "-m", "experiments.repro.timing", *args]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    result = timing.from_process(proc.returncode, proc.stdout, proc.stderr)
+    assert result["status"] == "ok", result
+    plan = result["plan"]
+    assert result["forward_batch"] == 8
+    assert result["forward_peak_mb"] <= plan["forward_planned_mb"]
+    assert result["preprocess_peak_mb"] <= plan["preprocess_planned_mb"]
+    assert result["forward_peak_mb"] > plan["params_mb"]  # the kernel was really resident
 
 
 def _results(target: str, task: str, rng) -> dict:

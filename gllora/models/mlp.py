@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gllora import features, layers
+from gllora import features, layers, product_dense
 from gllora.lora import Lora
 
 Array = jax.Array
@@ -125,13 +125,22 @@ class MlpDense(_MlpOn):
     """MLP on the flattened dense products ``u_i v_i^T`` (GL(r)-invariant, expressive, O(nmr)).
 
     Takes any rank. The authors' hidden width is 16: the first layer alone has
-    ``sum_i n_i m_i x hidden`` weights.
+    ``sum_i n_i m_i x hidden`` weights. The products are never formed: the first layer
+    multiplies the factors into its kernel (:func:`gllora.product_dense.product_dense`),
+    contracting the longer side of each module in one GEMM. So where ``m > n`` the
+    features are ``vec(v_i u_i^T)`` (the same numbers as ``vec(u_i v_i^T)``, permuted),
+    and each group's kernel is stored ``[k, (shorter side) * hidden, longer side]`` and
+    named ``kernel_<group key>_vu`` or ``_uv`` by its order, so that a checkpoint of
+    another layout never loads into it silently.
     """
 
     hidden: int = 16
 
-    def features(self, lora: Lora) -> list[tuple[str, Array]]:
-        return [
-            (g.key, features.dense(u, v).reshape(u.shape[0], -1))
-            for g, u, v in zip(lora.spec.groups, lora.u, lora.v)
-        ]
+    def features(self, lora: Lora) -> list[tuple[str, Array | product_dense.Products]]:
+        out = []
+        for g, u, v in zip(lora.spec.groups, lora.u, lora.v):
+            if g.m > g.n:
+                out.append((g.key + "_vu", product_dense.Products(v, u)))
+            else:
+                out.append((g.key + "_uv", product_dense.Products(u, v)))
+        return out
