@@ -80,7 +80,7 @@ def type_features(lora: Lora, aggregate: str) -> dict[str, Array]:
     """``{type: [5 or 10]}``: the statistics of one LoRA aggregated per module type."""
     per_type: dict[str, list[tuple[Array, Array]]] = {}
     for g, u, v, rank in zip(lora.spec.groups, lora.u, lora.v, lora.rank):
-        s = features.singular_values(u, v, precise=True)  # [k, r]
+        s = features.singular_values(u, v)  # [k, r]
         stats = spectral_stats(s, rank)  # [k, 5]
         nonzero = s[:, 0] > 0
         for i, name in enumerate(g.names):
