@@ -28,8 +28,6 @@ would have seen, on any number of devices and processes.
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -38,7 +36,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gllora import parallel
-from gllora.io.dataset import Dataset
+from gllora.io.dataset import Dataset, prefetched
 from gllora.lora import Lora, batch_axes, split_seeds, take_examples
 from gllora.spec import check_layout
 
@@ -151,39 +149,11 @@ def _with_size(shape: tuple[int, ...], axis: int, size: int) -> tuple[int, ...]:
 def prefetch(
     source: Source, indices: Iterator[np.ndarray], depth: int = 3
 ) -> Iterator[tuple[np.ndarray, Lora]]:
-    """``(ids [S, B], batch)`` pairs, read ahead by a background thread when streaming."""
+    """``(ids [S, B], batch)`` pairs, read ahead by a background thread when streaming
+    (:func:`gllora.io.dataset.prefetched`, the one prefetcher)."""
     if source.in_memory:
         for ids in indices:
             yield ids, source.read(ids)
         return
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    sentinel = object()
-
-    def worker():
-        try:
-            for ids in indices:
-                if stop.is_set():
-                    return
-                q.put((ids, source.to_global(source.read_host(ids), ids.shape)))
-            q.put(sentinel)
-        except BaseException as e:  # surfaced in the consumer
-            q.put(e)
-
-    thread = threading.Thread(target=worker, daemon=True, name="gllora-prefetch")
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is sentinel:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a worker waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
+    read = lambda ids: (ids, source.to_global(source.read_host(ids), ids.shape))
+    yield from prefetched(read, indices, depth)

@@ -35,13 +35,15 @@ This module reads and writes numpy: :meth:`Dataset.batch` wraps numpy arrays in 
 The code is in one module per part of the folder: ``schema``
 (``schema.json``, module specs, targets, the checks of what is written),
 ``labels`` (``labels.csv``, ``splits.json``), ``shards`` (shard files, memory maps,
-copying rows), ``writer`` and ``reader``.
+copying rows), ``writer``, ``reader`` and ``prefetch`` (reading ahead in a thread, also
+used by the training pipeline).
 """
 
 from __future__ import annotations
 
 import os
 
+from gllora.io.dataset.prefetch import prefetched
 from gllora.io.dataset.reader import Dataset, jax_free_unbatch
 from gllora.io.dataset.schema import FORMAT, KINDS, TASKS, VERSION, spec_from_json, spec_to_json
 from gllora.io.dataset.writer import DatasetWriter
@@ -57,6 +59,7 @@ __all__ = [
     "DatasetWriter",
     "jax_free_unbatch",
     "open",
+    "prefetched",
     "spec_from_json",
     "spec_to_json",
 ]

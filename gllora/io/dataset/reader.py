@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import os
-import queue
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Self
@@ -19,6 +18,7 @@ import numpy as np
 from gllora._lora import Lora
 from gllora.io import _safetensors
 from gllora.io.dataset.labels import read_labels, read_splits
+from gllora.io.dataset.prefetch import prefetched
 from gllora.io.dataset.schema import (
     check_target_kinds,
     check_targets,
@@ -286,7 +286,7 @@ class Dataset:
             for start in starts:
                 yield read(start)
             return
-        yield from _prefetched(read, starts, prefetch)
+        yield from prefetched(read, starts, prefetch)
 
     def max_ranks(self) -> list[int]:
         """The largest stored rank of each group over the whole dataset."""
@@ -304,45 +304,6 @@ class Dataset:
             col = self.labels[t["columns"][0]].tolist()
             return np.asarray([lookup[c] for c in col], np.float64)[:, None]
         return np.stack([self.labels[c].astype(np.float64) for c in t["columns"]], axis=1)
-
-
-def _prefetched(read, starts, depth: int) -> Iterator[Any]:
-    """``read(s)`` for each ``s`` in ``starts``, computed ``depth`` ahead in a thread."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = threading.Event()
-
-    def put(item) -> bool:
-        while not done.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False  # the consumer has gone
-
-    def work():
-        try:
-            for s in starts:
-                if not put((True, read(s))):
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put((False, e))
-            return
-        put((False, None))
-
-    thread = threading.Thread(target=work, daemon=True, name="gllora-prefetch")
-    thread.start()
-    try:
-        while True:
-            ok, item = q.get()
-            if not ok:
-                if item is not None:
-                    raise item
-                return
-            yield item
-    finally:
-        done.set()
-        thread.join()
 
 
 def jax_free_unbatch(batch: Lora) -> Lora:
