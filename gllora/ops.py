@@ -105,7 +105,3 @@ def gl_nonlinearity(u: Array, v: Array, sigma: Callable[[Array], Array]) -> tupl
     rows, cols = row_sums(u, v)
     return sigma(rows)[..., None] * u, sigma(cols)[..., None] * v
 
-
-def products(u: Array, v: Array) -> Array:
-    """``u_i v_i^T`` per module: ``[k, n, r], [k, m, r] -> [k, n, m]`` (GL-invariant)."""
-    return jnp.einsum("knr,kmr->knm", u, v)

@@ -10,9 +10,8 @@ from typing import ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from gllora import layers
+from gllora import features, layers
 from gllora.lora import Lora
 
 Array = jax.Array
@@ -82,7 +81,7 @@ class GLNet(nn.Module):
         )(lora, train)
         inputs = []
         for g, u, v in zip(x.spec.groups, x.u, x.v):
-            prod = jnp.einsum("kir,kjr->kij", u, v)
+            prod = features.dense(u, v)  # [k, d, d]: u_i v_i^T of the narrowed factors
             prod = (
                 prod.mean(axis=(1, 2))[:, None]
                 if self.head == "mean"
