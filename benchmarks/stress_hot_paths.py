@@ -4,9 +4,11 @@ jaxlib 0.10.2's batched LAPACK kernels could deadlock XLA's CPU thread pool when
 at once (BUILD_NOTES.md, "Hot paths"): ``mlp_svd`` training stalled at 0% CPU in 8 of 11
 tries on persona-shaped LoRAs while other work shared the machine. This runs
 ``python -m experiments.train`` for each model ``--runs`` times, ``--parallel`` at a time,
-without CPU pinning, and watches each run's ``metrics.jsonl`` (a line every 5 steps): a
-run whose file stops growing for ``--stall_seconds`` (4x that before its first line,
-while it compiles) is a stall. Its Python stacks (``faulthandler``, on
+without CPU pinning, and watches each run's ``metrics.jsonl`` (a line every 5 steps) and
+its CPU time: a run whose file stops growing for ``--stall_seconds`` while the process
+uses less than 5% of a core over that window is a stall (the deadlock sat at 0% CPU; a
+run that is compiling or evaluating on a loaded machine also adds no metrics line for a
+while, but it burns CPU). Its Python stacks (``faulthandler``, on
 SIGABRT) and, where ``gdb`` exists, its native threads' stacks are printed, and the
 script exits 1.
 
@@ -67,6 +69,16 @@ def _command(dataset: str, model: str, target: str, workdir: str, epochs: int) -
     ]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc; 0 elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _stacks(proc: subprocess.Popen) -> str:
     """Native stacks of every thread (gdb, if installed), then the Python ones (SIGABRT)."""
     out = []
@@ -101,7 +113,9 @@ def stress(
     """Runs every training; returns one record per run (``stalled`` with its stacks)."""
     queue = [(m, i) for i in range(runs) for m in models]
     env = {**os.environ, "PYTHONFAULTHANDLER": "1", "PYTHONPATH": ROOT}
-    running: dict[tuple[str, int], tuple[subprocess.Popen, str, float, int]] = {}
+    # key -> (process, run dir, time of the last metrics growth, metrics size, start time,
+    #         CPU seconds at the last metrics growth)
+    running: dict[tuple[str, int], tuple] = {}
     records = []
     while queue or running:
         while queue and len(running) < parallel:
@@ -116,14 +130,15 @@ def stress(
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            running[(model, i)] = (proc, run_dir, time.monotonic(), -1, time.monotonic())
+            now = time.monotonic()
+            running[(model, i)] = (proc, run_dir, now, -1, now, 0.0)
         time.sleep(1.0)
-        for key, (proc, run_dir, last_change, size, started) in list(running.items()):
+        for key, (proc, run_dir, last_change, size, started, cpu_then) in list(running.items()):
             metrics = os.path.join(run_dir, "metrics.jsonl")
             now_size = os.path.getsize(metrics) if os.path.exists(metrics) else -1
-            now = time.monotonic()
+            now, cpu = time.monotonic(), _cpu_seconds(proc.pid)
             if now_size != size:
-                last_change, size = now, now_size
+                last_change, size, cpu_then = now, now_size, cpu
             if proc.poll() is not None:
                 _, err = proc.communicate()
                 records.append(
@@ -137,8 +152,7 @@ def stress(
                     }
                 )
                 del running[key]
-            # Before its first metrics line a run imports, reads and compiles: a longer grace.
-            elif now - last_change > (stall_seconds if size >= 0 else 4 * stall_seconds):
+            elif now - last_change > stall_seconds and cpu - cpu_then < 0.05 * (now - last_change):
                 records.append(
                     {
                         "model": key[0],
@@ -151,7 +165,9 @@ def stress(
                 )
                 del running[key]
             else:
-                running[key] = (proc, run_dir, last_change, size, started)
+                if now - last_change > stall_seconds:  # busy without progress: a new window
+                    last_change, cpu_then = now, cpu
+                running[key] = (proc, run_dir, last_change, size, started, cpu_then)
     return records
 
 

@@ -19,7 +19,11 @@ def dense(u: Array, v: Array) -> Array:
     return jnp.einsum("...nr,...mr->...nm", u, v)
 
 
-def singular_values(u: Array, v: Array, rank: int | None = None, *, precise: bool = False) -> Array:
+#: Which factors :func:`singular_values` reads twice (see there).
+REFINE = ("none", "u", "both")
+
+
+def singular_values(u: Array, v: Array, rank: int | None = None, *, refine: str = "u") -> Array:
     """Singular values of ``u v^T``, largest first, never forming the ``n x m`` matrix.
 
     With ``R_u^T R_u = u^T u`` and ``R_v^T R_v = v^T v`` (``[r, r]`` each),
@@ -29,35 +33,50 @@ def singular_values(u: Array, v: Array, rank: int | None = None, *, precise: boo
     core's singular values by one-sided Jacobi: plain ``jnp``, no LAPACK call, so no
     batch of them can deadlock jaxlib's CPU thread pool.
 
-    Accuracy (float32, measured against float64 numpy in ``tests/test_linalg.py``): the
-    default reads each factor once; forming ``u^T u`` costs an absolute error of about
-    ``eps |u|^2``, so every value is exact to about ``sqrt(eps) = 3.5e-4`` of the largest
-    (relative error ``eps cond^2 / 2`` for a value ``1 / cond`` of the largest: 6e-4 at
-    ``cond = 100``). ``precise=True`` reads the factors twice (see
-    :func:`gllora.linalg.gram_sqrt`) and keeps a relative error of about ``eps cond`` on
-    small values, as a Householder QR does, at about 3x the cost on CPU.
+    Accuracy (float32, against float64 numpy: ``benchmarks/accuracy_svd.py``). A factor
+    read once gives its Gram matrix an absolute error of about ``eps |x|^2``: a value
+    ``1 / c`` of the largest comes out with a relative error of about ``2 eps c^2``
+    (3e-4 at ``c = 100``, 3e-2 at 1,000), where ``c`` is that factor's own condition
+    number. A factor read twice (:func:`gllora.linalg.gram_sqrt`) keeps about
+    ``eps c``, as a Householder QR does. The default refines ``u`` only: in a LoRA
+    ``u = scale * B`` is trained from zero and carries the spread of singular values
+    (condition numbers up to 10^2 in the built-in persona LoRAs), while ``v = A^T``
+    stays near its random initialisation (condition 1-2 there), whose Gram matrix is
+    exact enough; and ``u`` is the smaller factor of most layers (output side), so the
+    second pass is cheap.
 
     Args:
       u: ``[..., n, r]``.
       v: ``[..., m, r]``.
       rank: how many values to return: the top ``rank`` values, zero-padded if the
         factors have fewer columns (default: ``r``).
-      precise: two passes over the factors instead of one (see above).
+      refine: which factors to read twice: ``"u"`` (default), ``"both"`` (LAPACK-like
+        accuracy for any input), ``"none"`` (fastest).
 
     Returns:
       ``[..., rank]``, GL(r)-invariant.
     """
+    if refine not in REFINE:
+        raise ValueError(f"refine must be one of {REFINE}, got {refine!r}")
     r = u.shape[-1]
     rank = r if rank is None else rank
-    root = linalg.gram_sqrt if precise else _gram_root
-    core = jnp.einsum("...ij,...kj->...ik", root(u), root(v))
+    # One Jacobi solve for both Gram matrices (stacked): the solver's cost on CPU is
+    # mostly per operation, not per matrix.
+    w, vecs = linalg.eigh(jnp.stack([linalg.gram(u), linalg.gram(v)]), sort=False)
+    if refine != "none":
+        # Second pass: rotate to the first pass's eigenvectors, where the Gram matrices'
+        # rounding is relative to each column's own norm (see linalg.gram_sqrt).
+        again = [linalg.gram(linalg.rotate(u, vecs[0]))]
+        if refine == "both":
+            again.append(linalg.gram(linalg.rotate(v, vecs[1])))
+        w2, z = linalg.eigh(jnp.stack(again), sort=False)
+        vecs = jnp.concatenate(
+            [jnp.einsum("...ts,...sr->...tr", vecs[: len(again)], z), vecs[len(again) :]]
+        )
+        w = jnp.concatenate([w2, w[len(again) :]])
+    roots = jnp.sqrt(jnp.maximum(w, 0))[..., :, None] * jnp.swapaxes(vecs, -1, -2)
+    core = jnp.einsum("...ij,...kj->...ik", roots[0], roots[1])
     return _fit_last(linalg.singular_values(core), rank)
-
-
-def _gram_root(x: Array) -> Array:
-    """``R`` with ``R^T R = x^T x`` from one Gram matrix: ``diag(sqrt(w)) W^T``."""
-    w, vecs = linalg.eigh(linalg.gram(x))
-    return jnp.sqrt(jnp.maximum(w, 0))[..., :, None] * jnp.swapaxes(vecs, -1, -2)
 
 
 def _fit_last(x: Array, size: int) -> Array:

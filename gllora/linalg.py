@@ -9,7 +9,8 @@ batch axes: no data-dependent loops, no custom calls, the same on CPU, GPU and T
 
 - :func:`eigh`: cyclic Jacobi for symmetric matrices, in the parallel (round-robin)
   order: ``r / 2`` disjoint rotations per step, ``r - 1`` steps per sweep, each step two
-  contiguous half-blocks, so nothing is gathered.
+  contiguous half-blocks, so nothing is gathered. The steps are one ``fori_loop`` body
+  (a fixed trip count): unrolled, they compiled twice as slowly and ran no faster.
 - :func:`svd_columns`: one-sided (Hestenes) Jacobi: rotates the columns of a square
   matrix until they are orthogonal; singular values are their norms. It works on the
   matrix itself, never on ``A^T A``, so small singular values keep their relative
@@ -51,20 +52,6 @@ def default_sweeps(r: int) -> int:
     if r <= 32:
         return 13
     return 16
-
-
-#: Up to this many Jacobi steps are unrolled into straight-line code; more run as a loop
-#: (one compiled body: compile time stays flat in the rank).
-_UNROLL = 32
-
-
-def _steps(step, count: int, carry):
-    """``count`` applications of ``step(i, carry)``, unrolled when few."""
-    if count <= _UNROLL:
-        for i in range(count):
-            carry = step(i, carry)
-        return carry
-    return jax.lax.fori_loop(0, count, step, carry)
 
 
 def _next_order(h: int) -> list[int]:
@@ -136,16 +123,18 @@ def _pad_to_even(a: Array, square: bool) -> Array:
     return jnp.pad(a, widths)
 
 
-def eigh(a: Array, sweeps: int | None = None) -> tuple[Array, Array]:
+def eigh(a: Array, sweeps: int | None = None, *, sort: bool = True) -> tuple[Array, Array]:
     """Eigenvalues and eigenvectors of symmetric ``a [..., r, r]`` by cyclic Jacobi.
 
     Args:
       a: symmetric matrices (only symmetric input is meaningful), any batch axes.
       sweeps: Jacobi sweeps (default :func:`default_sweeps`).
+      sort: eigenvalues descending (and vectors with them); ``False`` skips the gathers
+        where the order does not matter (square roots of Gram matrices).
 
     Returns:
-      ``(w [..., r], V [..., r, r])``, eigenvalues descending, ``a = V diag(w) V^T``,
-      ``V`` orthogonal to rounding (a product of rotations).
+      ``(w [..., r], V [..., r, r])``, ``a = V diag(w) V^T``, ``V`` orthogonal to rounding
+      (a product of rotations).
     """
     r = a.shape[-1]
     sweeps = default_sweeps(r) if sweeps is None else sweeps
@@ -165,12 +154,14 @@ def eigh(a: Array, sweeps: int | None = None) -> tuple[Array, Array]:
         v = _rotate_pairs(v, c[..., None, :], s[..., None, :], axis=-1)
         return _permute(_permute(x, order, -2), order, -1), _permute(v, order, -1)
 
-    x, v = _steps(step, sweeps * (re - 1), (x, v))
+    x, v = jax.lax.fori_loop(0, sweeps * (re - 1), step, (x, v))
     w = jnp.diagonal(x, axis1=-2, axis2=-1)
     if re != r:  # drop the padded index (its row and column stayed zero)
         keep = _padded_position(r, sweeps)
         w = jnp.delete(w, keep, axis=-1, assume_unique_indices=True)
         v = jnp.delete(jnp.delete(v, keep, axis=-1, assume_unique_indices=True), r, axis=-2)
+    if not sort:
+        return w, v
     idx = jnp.argsort(-w, axis=-1)
     return jnp.take_along_axis(w, idx, -1), jnp.take_along_axis(v, idx[..., None, :], -1)
 
@@ -211,7 +202,7 @@ def svd_columns(a: Array, sweeps: int | None = None) -> tuple[Array, Array]:
         v = _rotate_pairs(v, c[..., None, :], s[..., None, :], axis=-1)
         return _permute(x, order, -1), _permute(v, order, -1)
 
-    x, v = _steps(step, sweeps * (re - 1), (x, v))
+    x, v = jax.lax.fori_loop(0, sweeps * (re - 1), step, (x, v))
     if re != r:
         keep = _padded_position(r, sweeps)
         x = jnp.delete(x, keep, axis=-1, assume_unique_indices=True)
@@ -243,11 +234,22 @@ def gram_sqrt(x: Array, sweeps: int | None = None) -> Array:
     inaccurate as the first Gram, so this takes full sweeps too). Then ``R = diag(sqrt(l)) Z^T W^T``. Small singular values of ``x``
     come out with a relative error of about ``eps * cond(x)``, as from a Householder QR.
     """
-    _, w = eigh(gram(x), sweeps)
-    y = jnp.einsum("...nr,...rs->...ns", x, w)
-    l, z = eigh(gram(y), sweeps)
+    _, w = eigh(gram(x), sweeps, sort=False)
+    l, z = eigh(gram(rotate(x, w)), sweeps, sort=False)
     root = jnp.sqrt(jnp.maximum(l, 0))
     return root[..., :, None] * jnp.einsum("...sr,...ts->...rt", z, w)
+
+
+def rotate(x: Array, w: Array) -> Array:
+    """``x w``: ``[..., n, r] @ [..., r, s] -> [..., n, s]``.
+
+    For small ``r`` as ``r`` broadcast multiply-adds, which XLA fuses into the consumer
+    (a Gram matrix) instead of a batched matrix product per module (measured 1.35x
+    faster for ``r = 4`` on CPU).
+    """
+    if x.shape[-1] > 8:
+        return jnp.einsum("...nr,...rs->...ns", x, w)
+    return sum(x[..., :, i : i + 1] * w[..., None, i, :] for i in range(x.shape[-1]))
 
 
 def polar(a: Array, sweeps: int | None = None) -> Array:

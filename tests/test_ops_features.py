@@ -81,20 +81,24 @@ def test_singular_values_equal_numpy_svd_of_the_dense_product():
     eps = float(np.finfo(np.float32).eps)
     for u, v in zip(lora.u, lora.v):
         want = _svd_of_dense(u, v, 5)
-        # Two passes: errors like a Householder QR's, a small multiple of eps |u| |v|.
-        got = np.asarray(features.singular_values(u, v, precise=True))
+        # Both factors read twice: errors like a Householder QR's, a small multiple of
+        # eps |u| |v|.
+        got = np.asarray(features.singular_values(u, v, refine="both"))
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-        # One pass: u^T u carries an absolute error of at most n eps |u|^2 (each of the n
-        # products and partial sums rounds once), which moves a squared singular value
-        # by that much and a singular value by at most its square root (Weyl, then
-        # |sqrt(a) - sqrt(b)| <= sqrt(|a - b|)); the same for v, and the core adds eps.
-        got = np.asarray(features.singular_values(u, v))
-        nu, nv = np.linalg.norm(np.asarray(u), axis=(-2, -1)), np.linalg.norm(np.asarray(v), axis=(-2, -1))
-        bound = np.sqrt(2 * max(u.shape[-2], v.shape[-2]) * eps) * nu * nv
-        assert np.all(np.abs(got - want) <= bound[..., None]), (got, want, bound)
-        # Full-rank, well-conditioned modules lose almost nothing in one pass.
-        if u.shape[-2] >= 5:
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        # One pass over a factor: x^T x carries an absolute error of at most n eps |x|^2
+        # (each of the n products and partial sums rounds once), which moves a squared
+        # singular value by that much and a singular value by at most its square root
+        # (Weyl, then |sqrt(a) - sqrt(b)| <= sqrt(|a - b|)); the core adds eps.
+        for refine in ("none", "u"):
+            got = np.asarray(features.singular_values(u, v, refine=refine))
+            norm = lambda x: np.linalg.norm(np.asarray(x), axis=(-2, -1))
+            bound = np.sqrt(2 * max(u.shape[-2], v.shape[-2]) * eps) * norm(u) * norm(v)
+            assert np.all(np.abs(got - want) <= bound[..., None]), (refine, got, want, bound)
+            # Full-rank, well-conditioned modules lose almost nothing in one pass.
+            if u.shape[-2] >= 5:
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="refine"):
+        features.singular_values(lora.u[0], lora.v[0], refine="yes")
     # Truncation and zero-padding to another rank.
     s = features.singular_values(lora.u[0], lora.v[0])
     np.testing.assert_array_equal(
