@@ -9,11 +9,10 @@ finetuned on a random subset of 19 question sources with random hyperparameters;
 targets: source membership, validation loss, challenge accuracy and the hyperparameters.
 """
 
-from absl import app
-
 from data_gen import cli
+from experiments import cli as command_line
 
 main = cli.entrypoint("data_gen.arith.sources")
 
 if __name__ == "__main__":
-    app.run(main)
+    command_line.run(main)

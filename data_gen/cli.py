@@ -46,6 +46,15 @@ def define_flags() -> None:
     )
 
 
+def check_out(out: str, overwrite: bool) -> None:
+    """Refuses a non-empty ``--out`` without ``--overwrite`` before any work (the dataset
+    writer refuses it too, but only once the LoRAs are made, and names its argument)."""
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise app.UsageError(
+            f"{out}: folder exists and is not empty (pass --overwrite to replace it)"
+        )
+
+
 def entrypoint(family_module: str) -> Callable[[list[str]], None]:
     """Defines the common flags and returns the absl ``main`` of a generator.
 
@@ -56,16 +65,11 @@ def entrypoint(family_module: str) -> Callable[[list[str]], None]:
     define_flags()
 
     def main(argv: list[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        del argv  # experiments.cli.run refuses positional arguments
         f = flags.FLAGS
         if not f.out:
             raise app.UsageError("--out is required")
-        # Refused now, not after the finetunes: the writer refuses it at the end.
-        if os.path.isdir(f.out) and os.listdir(f.out) and not f.overwrite:
-            raise app.UsageError(
-                f"{f.out}: folder exists and is not empty (pass --overwrite to replace it)"
-            )
+        check_out(f.out, f.overwrite)
         family = importlib.import_module(family_module).FAMILY
         if f.base_configs:
             from data_gen import multi

@@ -8,11 +8,10 @@ image of every class of a random non-empty subset of the 10 digits; targets: cla
 membership and dataset size.
 """
 
-from absl import app
-
 from data_gen import cli
+from experiments import cli as command_line
 
 main = cli.entrypoint("data_gen.images.digit_subsets")
 
 if __name__ == "__main__":
-    app.run(main)
+    command_line.run(main)

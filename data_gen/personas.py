@@ -9,11 +9,10 @@ quality, attributes, digit and every hyperparameter. ``--rank`` makes the Figure
 variants (same personas, images, hyperparameters and seeds at another rank).
 """
 
-from absl import app
-
 from data_gen import cli
+from experiments import cli as command_line
 
 main = cli.entrypoint("data_gen.images.personas")
 
 if __name__ == "__main__":
-    app.run(main)
+    command_line.run(main)

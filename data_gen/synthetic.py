@@ -23,9 +23,7 @@ For tests and demos (seconds to generate).
 from __future__ import annotations
 
 import numpy as np
-from absl import app, flags
-
-from gllora.io import dataset
+from absl import flags
 
 #: (name, n, m): two same-shaped "attention" modules per layer and one other shape.
 MODULES = (
@@ -97,6 +95,8 @@ def targets(modules=MODULES) -> dict:
 
 def write(out: str, num: int, seed: int = 0, rank: int = 4, overwrite: bool = False) -> str:
     """Generates ``num`` LoRAs and writes them as a dataset folder at ``out``."""
+    from gllora.io import dataset
+
     factors, labels = generate(num, seed, rank)
     writer = dataset.DatasetWriter(
         out,
@@ -110,17 +110,22 @@ def write(out: str, num: int, seed: int = 0, rank: int = 4, overwrite: bool = Fa
 
 
 def main(argv):
-    del argv
+    del argv  # experiments.cli.run refuses positional arguments
+    from data_gen import cli
+
     f = flags.FLAGS
+    cli.check_out(f.out, f.overwrite)
     path = write(f.out, f.num, f.seed, f.rank, f.overwrite)
     print(f"wrote {f.num} synthetic LoRAs to {path}")
 
 
 if __name__ == "__main__":
+    from experiments import cli as command_line
+
     # Flags live here, not at import time, so other entrypoints can import this module.
     flags.DEFINE_string("out", None, "Dataset folder to write.", required=True)
     flags.DEFINE_integer("num", 1000, "Number of LoRAs.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_integer("rank", 4, "LoRA rank.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing folder.")
-    app.run(main)
+    command_line.run(main)

@@ -1,86 +1,83 @@
 """Demo: GL-net against a plain MLP on a GL-invariant target of synthetic LoRAs.
 
-Generates synthetic LoRAs whose factors were moved by random GL(r) elements and a
-target that depends only on the products ``u_i v_i^T`` (``data_gen.synthetic``),
-fits GL-net and the raw-factor MLP with the same budget, and prints both test errors
-beside a constant predictor.
+Writes synthetic LoRAs whose factors were moved by random GL(r) elements, with targets
+that depend only on the products ``u_i v_i^T`` (``data_gen.synthetic``), trains each
+model with the library's engine (:func:`gllora.train.train_and_evaluate`, the ``tiny``
+preset of ``experiments/configs/default.py``) and prints their test errors beside a
+constant predictor. The same run from the command line, one model at a time, is
+``python -m data_gen.synthetic`` then ``python -m experiments.train``.
 
-    python -m experiments.demo [--num=1200 --steps=600]
+    python -m experiments.demo [--num=1200 --epochs=6 --target=log_norm --models=mlp,glnet]
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from absl import app, flags
+from absl import flags
 
-from gllora import Lora, in_axes, models
-from data_gen import synthetic
+from experiments import cli
 
-_NUM = flags.DEFINE_integer("num", 1200, "Synthetic LoRAs (80% train, 20% test).")
-_STEPS = flags.DEFINE_integer("steps", 600, "Adam steps per model.")
+_NUM = flags.DEFINE_integer("num", 1200, "Synthetic LoRAs (80/10/10 train/validation/test).")
+_EPOCHS = flags.DEFINE_integer("epochs", 6, "Training epochs per model.")
 _TARGET = flags.DEFINE_string("target", "log_norm", "Regression target of data_gen.synthetic.")
+_MODELS = flags.DEFINE_list("models", ["mlp", "glnet"], "Models to train.")
+_OUT = flags.DEFINE_string(
+    "out", None, "Folder for the dataset and the runs (default: a temporary one, removed)."
+)
 
 
-def fit_and_test(name: str, train: Lora, y_train, test: Lora, y_test, steps: int) -> float:
-    model = models.build(name, num_outputs=1)
-    variables = model.init(jax.random.key(0), jax.tree_util.tree_map(lambda x: x[0], train))
-    axes = in_axes(train)
-    tx = optax.adamw(1e-3)
+def constant_mse(path: str, target: str) -> float:
+    """Test MSE, in standardised units, of predicting the training mean of ``target``."""
+    import numpy as np
 
-    @jax.jit
-    def step(params, opt_state, key, idx):
-        batch = jax.tree_util.tree_map(lambda x: x[idx], train)
+    from gllora.io import dataset
 
-        def loss_fn(p):
-            out = jax.vmap(
-                lambda xi, k: model.apply(
-                    {**variables, "params": p}, xi, train=True, rngs={"dropout": k}
-                ),
-                in_axes=(axes, 0),
-            )(batch, jax.random.split(key, idx.shape[0]))[:, 0]
-            return jnp.mean((out - y_train[idx]) ** 2)
+    ds = dataset.open(path)
+    y = ds.labels[target]
+    mu, sd = y[ds.splits["train"]].mean(), y[ds.splits["train"]].std()
+    return float(np.mean(((y[ds.splits["test"]] - mu) / sd) ** 2))
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
 
-    params, opt_state = variables["params"], tx.init(variables["params"])
-    rng = np.random.default_rng(0)
-    for i in range(steps):
-        idx = jnp.asarray(rng.choice(y_train.shape[0], 32, replace=False))
-        params, opt_state, _ = step(params, opt_state, jax.random.key(i), idx)
-    out = jax.jit(lambda p, x: jax.vmap(lambda xi: model.apply({**variables, "params": p}, xi))(x))(
-        params, test
+def run(root: str) -> None:
+    from data_gen import synthetic
+    from experiments.configs import default
+    from gllora import models
+    from gllora.train import train_and_evaluate
+
+    regression = [n for n, t in synthetic.targets().items() if t["task"] == "regression"]
+    cli.check_choices("target", [_TARGET.value], regression)
+    cli.check_choices("models", _MODELS.value, models.names())
+    data = synthetic.write(os.path.join(root, "synthetic"), _NUM.value, overwrite=True)
+    print(
+        f"{_NUM.value} synthetic LoRAs, target {_TARGET.value!r} (GL-invariant), "
+        f"{_EPOCHS.value} epochs each; test MSE in standardised units"
     )
-    return float(jnp.mean((out[:, 0] - y_test) ** 2))
+    print(f"{'model':<10} {'test MSE':>9} {'seconds':>8}")
+    print(f"{'constant':<10} {constant_mse(data, _TARGET.value):>9.3f} {'-':>8}")
+    for name in _MODELS.value:
+        config = default.get_config("tiny")
+        config.update(dataset=data, targets=(_TARGET.value,), model=name, progress=False)
+        config.num_epochs = _EPOCHS.value
+        start = time.perf_counter()
+        results = train_and_evaluate(config, os.path.join(root, "runs", name))
+        mse = results["summary"]["test"][_TARGET.value]["mse"]["mean"]
+        print(f"{name:<10} {mse:>9.3f} {time.perf_counter() - start:>8.1f}")
 
 
 def main(argv):
-    del argv
-    factors, labels = synthetic.generate(_NUM.value, seed=0)
-    lora = Lora.from_factors(factors)
-    y = labels[_TARGET.value]
-    y = (y - y.mean()) / y.std()  # standardised: the constant predictor has MSE ~1
-    cut = int(0.8 * len(y))
-    train = jax.tree_util.tree_map(lambda x: x[:cut], lora)
-    test = jax.tree_util.tree_map(lambda x: x[cut:], lora)
-    y_train, y_test = jnp.asarray(y[:cut], jnp.float32), jnp.asarray(y[cut:], jnp.float32)
-    print(
-        f"{_NUM.value} synthetic LoRAs ({lora}), target {_TARGET.value!r} (GL-invariant), "
-        f"{_STEPS.value} Adam steps each"
-    )
-    print(f"{'model':<10} {'test MSE':>9} {'seconds':>8}")
-    print(f"{'constant':<10} {float(jnp.mean((y_test - y_train.mean()) ** 2)):>9.3f} {'-':>8}")
-    for name in ("mlp", "glnet"):
-        t0 = time.perf_counter()
-        mse = fit_and_test(name, train, y_train, test, y_test, _STEPS.value)
-        print(f"{name:<10} {mse:>9.3f} {time.perf_counter() - t0:>8.1f}")
+    del argv  # cli.run refuses positional arguments
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
+    if _OUT.value:
+        run(_OUT.value)
+        return
+    with tempfile.TemporaryDirectory(prefix="gllora_demo_") as root:
+        run(root)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -16,15 +16,17 @@ Exit status: 0 when every adapter was imported; 1 when any was skipped (the data
 the others is still written, and every skipped file is listed with its reason) unless
 ``--allow_skipped``, or when none could be imported; 2 when the import cannot go on
 (adapters of different structures under ``--on_mismatch=error``, a bad labels table
-or target), with the reason.
+or target, a flag that does not parse), with the reason on one line (``--debug``: the
+traceback).
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from gllora.io import importer
 
 FLAGS = flags.FLAGS
@@ -114,7 +116,9 @@ def run(fv: flags.FlagValues = FLAGS) -> int:
             progress=fv.progress,
         )
     except (importer.ImportAdaptersError, FileNotFoundError) as e:
-        print(f"import_adapters: error: {e}", file=sys.stderr)
+        if "debug" in fv and fv.debug:
+            raise
+        print(f"import_adapters: error: {cli.one_line(e)}", file=sys.stderr)
         return 2
     print(result.summary())
     if result.out is None:
@@ -131,11 +135,10 @@ def run(fv: flags.FlagValues = FLAGS) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # cli.run refuses positional arguments
     return run()
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -21,8 +21,9 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from gllora.io import adapters
 from gllora.io.importer import find_adapters
 
@@ -171,4 +172,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, positional=True)  # the paths

@@ -4,8 +4,12 @@
 
 ``PATH`` is searched recursively for adapters (PEFT folders, diffusers / kohya /
 LyCORIS ``.safetensors`` files), or is a dataset folder (every example is predicted).
-One CSV row per input; every input that could not be predicted is listed with its
-reason, and the exit status is 1 if there was any (unless ``--allow_failures``).
+One CSV row per input, keyed as the labels are: ``path`` (the adapter's path relative
+to ``PATH``, as ``experiments.import_adapters`` keys the labels table) or, for a dataset
+folder, ``id`` (as its ``labels.csv``), so predictions join with the labels. Every input
+that could not be predicted is listed with its reason, and the exit status is 1 if
+there was any (unless ``--allow_failures``); a user error (no such run directory or
+inputs) prints one line and exits with status 2 (``--debug``: the traceback).
 
 Batches are split over this process's devices. On several hosts (same flags as
 ``experiments.train``: ``--distributed``, ...) each process reads and predicts its own
@@ -13,12 +17,12 @@ contiguous share of the sorted inputs and process 0 merges the shares into ``--o
 (which must be on a filesystem every host sees), in the order one process would write.
 """
 
+import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from gllora import parallel
-from gllora.train.predictor import Predictor, predict_inputs, write_predictions
+from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
 _INPUTS = flags.DEFINE_string("inputs", None, "Folder of adapter files, or a dataset folder.")
@@ -28,12 +32,17 @@ _ALLOW = flags.DEFINE_bool(
     "allow_failures", False, "Exit 0 even if some inputs could not be predicted."
 )
 flags.mark_flags_as_required(["workdir", "inputs"])
-parallel.define_flags()
+cli.define_distributed_flags()
 
 
 def main(argv):
-    del argv
-    parallel.initialize_from_flags()  # before anything touches a device
+    del argv  # cli.run refuses positional arguments
+    if not os.path.exists(_INPUTS.value):
+        raise FileNotFoundError(f"--inputs={_INPUTS.value}: no such folder")
+    cli.initialize_distributed()  # before anything touches a device
+    from gllora import parallel
+    from gllora.train.predictor import Predictor, predict_inputs, write_predictions
+
     logging.set_verbosity(logging.WARNING)
     predictor = Predictor.from_workdir(_WORKDIR.value)
     rows, failures = predict_inputs(predictor, _INPUTS.value, _BATCH.value)
@@ -49,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

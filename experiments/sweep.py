@@ -5,7 +5,8 @@ datasets (generated into ``DIR/data`` unless there); the grid and the rule are i
 ``experiments/repro/tuning.py``. Pairs run side by side in one worker per CPU core.
 Results go to ``DIR/sweep.json`` and ``DIR/sweep.md``; the chosen values are printed as
 the ``HPARAMS`` literal of ``experiments/configs/paper.py``. Finished trials are reused,
-so an interrupted sweep continues; ``--experiments`` and ``--models`` restrict it::
+so an interrupted sweep continues; ``--experiments`` and ``--models`` restrict it (an
+unknown name prints one line and exits with status 2)::
 
     python -m experiments.sweep --out=out/sweep [--experiments=quality,attributes --models=glnet]
 """
@@ -16,8 +17,9 @@ import json
 import os
 import pprint
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from experiments.repro import registry, runner, tuning, workers
 
 _OUT = flags.DEFINE_string("out", "out/sweep", "Sweep folder (datasets, trials, results).")
@@ -28,7 +30,9 @@ _JOBS = flags.DEFINE_integer("jobs", 0, "Worker processes (0: one per CPU core).
 
 
 def main(argv):
-    del argv
+    del argv  # cli.run refuses positional arguments
+    cli.check_choices("experiments", _EXPERIMENTS.value, list(registry.EXPERIMENTS))
+    cli.check_choices("models", _MODELS.value, list(registry.MODELS))
     out = os.path.abspath(_OUT.value)
     os.makedirs(out, exist_ok=True)
     log = runner.Log(out)
@@ -74,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

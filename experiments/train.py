@@ -8,26 +8,32 @@ The run uses every device it sees (``--config.num_devices=N``: the first N), wit
 ``config.batch_size`` as the global batch. On several hosts, start the same command on
 each; ``jax.distributed`` starts by itself under SLURM and on multi-host TPU slices,
 elsewhere with ``--distributed=on --coordinator_address=HOST:PORT --num_processes=N
---process_id=I`` (see ``gllora/parallel.py``).
+--process_id=I`` (see ``experiments/cli.py``).
+
+A user error (a misspelt config field, an unknown dataset, target or model, a workdir
+that holds another run) prints one line and exits with status 2; ``--debug`` shows the
+traceback.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from experiments import report
-from gllora import parallel, train
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file[:preset].", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, results).")
 flags.mark_flags_as_required(["config", "workdir"])
-parallel.define_flags()
+cli.define_distributed_flags()
 
 
 def main(argv):
-    del argv
-    parallel.initialize_from_flags()  # before anything touches a device
+    del argv  # cli.run refuses positional arguments
+    cli.initialize_distributed()  # before anything touches a device
+    from experiments import report
+    from gllora import parallel, train
+
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if parallel.is_main_process():
@@ -36,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

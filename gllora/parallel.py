@@ -35,10 +35,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 #: The name of the mesh axis the batch (and, optionally, the largest kernels) is split on.
 DATA = "data"
-#: Values of ``config.shard_params``: which axis of every ``GroupedDense`` kernel
-#: ``[..., k, F, h]`` is split over the devices.
+#: Values of :func:`state_shardings`' ``shard_params`` (``config.shard_params``): which
+#: axis of every ``GroupedDense`` kernel ``[..., k, F, h]`` is split over the devices.
 SHARD_PARAMS = ("none", "fan_in", "fan_out")
-#: Values of ``--distributed``.
+#: Values of :func:`maybe_initialize_distributed`'s ``mode`` (the entrypoints'
+#: ``--distributed``, :mod:`experiments.cli`).
 DISTRIBUTED_MODES = ("auto", "on", "off")
 
 
@@ -85,7 +86,7 @@ def maybe_initialize_distributed(
       Whether ``jax.distributed`` is initialised (by this call or an earlier one).
     """
     if mode not in DISTRIBUTED_MODES:
-        raise ValueError(f"--distributed must be one of {DISTRIBUTED_MODES}, got {mode!r}")
+        raise ValueError(f"mode must be one of {DISTRIBUTED_MODES}, got {mode!r}")
     if jax.distributed.is_initialized():
         return True
     if mode == "off":
@@ -111,42 +112,11 @@ def maybe_initialize_distributed(
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     except ValueError as e:
         raise ValueError(
-            f"--distributed={mode}: cannot start jax.distributed ({e}); outside TPU VMs, "
-            "SLURM and Open MPI give --coordinator_address=HOST:PORT, --num_processes and "
-            "--process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
+            f"mode={mode!r}: cannot start jax.distributed ({e}); outside TPU VMs, SLURM and "
+            "Open MPI pass coordinator_address='HOST:PORT', num_processes and process_id "
+            "(or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
         ) from e
     return True
-
-
-def define_flags() -> None:
-    """Defines ``--distributed``, ``--coordinator_address``, ``--num_processes``,
-    ``--process_id`` for an absl entrypoint (once; safe to call from several modules)."""
-    from absl import flags
-
-    if "distributed" in flags.FLAGS:
-        return
-    flags.DEFINE_enum(
-        "distributed",
-        "auto",
-        list(DISTRIBUTED_MODES),
-        "Start jax.distributed: 'auto' under SLURM (several tasks), on a multi-host TPU "
-        "slice or when a coordinator is given; 'on' always; 'off' never.",
-    )
-    flags.DEFINE_string(
-        "coordinator_address", None, "HOST:PORT of process 0 (or $JAX_COORDINATOR_ADDRESS)."
-    )
-    flags.DEFINE_integer("num_processes", None, "Number of processes (or $JAX_NUM_PROCESSES).")
-    flags.DEFINE_integer("process_id", None, "This process's index (or $JAX_PROCESS_ID).")
-
-
-def initialize_from_flags() -> bool:
-    """:func:`maybe_initialize_distributed` with the flags of :func:`define_flags`."""
-    from absl import flags
-
-    f = flags.FLAGS
-    return maybe_initialize_distributed(
-        f.distributed, f.coordinator_address, f.num_processes, f.process_id
-    )
 
 
 def is_main_process() -> bool:
@@ -176,12 +146,12 @@ def make_mesh(num_devices: int = 0, devices: Sequence[Any] | None = None) -> Mes
     devices.sort(key=lambda d: (d.process_index, d.id))
     if num_devices < 0 or num_devices > len(devices):
         raise ValueError(
-            f"config.num_devices={num_devices}: must be 0 (all) or between 1 and the "
+            f"num_devices={num_devices}: must be 0 (all) or between 1 and the "
             f"{len(devices)} devices present"
         )
     if num_devices and num_devices != len(devices) and jax.process_count() > 1:
         raise ValueError(
-            f"config.num_devices={num_devices}: with {jax.process_count()} processes the "
+            f"num_devices={num_devices}: with {jax.process_count()} processes the "
             f"mesh takes all {len(devices)} devices (0)"
         )
     return Mesh(np.asarray(devices[: num_devices or len(devices)]), (DATA,))
@@ -224,7 +194,7 @@ def check_divisible(size: int, mesh: Mesh, what: str) -> None:
     if size % mesh.size:
         raise ValueError(
             f"{what}={size} does not split over {mesh.size} devices; use a multiple of "
-            f"{mesh.size} (or config.num_devices)"
+            f"{mesh.size} (or a mesh of fewer devices)"
         )
 
 
@@ -256,7 +226,7 @@ def state_shardings(abstract: Any, mesh: Mesh, shard_params: str = "none", stric
       strict: raise if a kernel's axis does not split evenly (else replicate that kernel).
     """
     if shard_params not in SHARD_PARAMS:
-        raise ValueError(f"config.shard_params must be one of {SHARD_PARAMS}, got {shard_params!r}")
+        raise ValueError(f"shard_params must be one of {SHARD_PARAMS}, got {shard_params!r}")
     axis = {"fan_in": -2, "fan_out": -1}.get(shard_params)
     found = []
 
@@ -268,7 +238,7 @@ def state_shardings(abstract: Any, mesh: Mesh, shard_params: str = "none", stric
         if leaf.shape[axis] % mesh.size:
             if strict:
                 raise ValueError(
-                    f"config.shard_params={shard_params!r}: kernel {jax.tree_util.keystr(path)} "
+                    f"shard_params={shard_params!r}: kernel {jax.tree_util.keystr(path)} "
                     f"{list(leaf.shape)} has {leaf.shape[axis]} along that axis, which does not "
                     f"split over {mesh.size} devices; use the other axis or 'none'"
                 )
@@ -278,7 +248,7 @@ def state_shardings(abstract: Any, mesh: Mesh, shard_params: str = "none", stric
     out = jax.tree_util.tree_map_with_path(rule, abstract)
     if axis is not None and not found and strict:
         raise ValueError(
-            f"config.shard_params={shard_params!r}: the model has no GroupedDense kernel to split"
+            f"shard_params={shard_params!r}: the model has no GroupedDense kernel to split"
         )
     return out
 
@@ -355,9 +325,7 @@ __all__ = [
     "SHARD_PARAMS",
     "check_divisible",
     "cluster_environment",
-    "define_flags",
     "host_to_global",
-    "initialize_from_flags",
     "is_main_process",
     "local_mesh",
     "local_slice",

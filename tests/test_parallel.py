@@ -174,7 +174,7 @@ def test_cluster_environment_and_distributed_modes(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     assert parallel.maybe_initialize_distributed("off") is False
     assert parallel.maybe_initialize_distributed("auto") is False  # no cluster: one process
-    with pytest.raises(ValueError, match="--distributed must be one of"):
+    with pytest.raises(ValueError, match="mode must be one of"):
         parallel.maybe_initialize_distributed("yes")
 
 
@@ -707,10 +707,11 @@ def _worker_predict(out: str, root: str, workdir: str) -> None:
         for what, inputs in (("dataset", data), ("adapters", adapters)):
             rows, failures = predict_inputs(predictor, inputs, batch_size=30)
             entry = report.setdefault(what, {})
+            key = "id" if what == "dataset" else "path"  # keyed as the labels are
             entry[str(n)] = [
-                {k: np.asarray(v).tolist() for k, v in r.items() if k != "input"} for r in rows
+                {k: np.asarray(v).tolist() for k, v in r.items() if k != key} for r in rows
             ]
-            entry["keys"] = [r["input"] for r in rows]
+            entry["keys"] = [r[key] for r in rows]
             entry["failures"] = [k for k, _ in failures]
         report.setdefault("evaluate", {})[str(n)] = evaluation.evaluate_workdir(
             workdir, "test", mesh=mesh

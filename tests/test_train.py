@@ -209,7 +209,7 @@ def test_predict_on_a_folder_of_real_adapter_files(fixture_shaped_run, tmp_path)
     workdir, _ = fixture_shaped_run
     predictor = Predictor.from_workdir(workdir)
     rows, failures = predict_inputs(predictor, FIXTURES)
-    assert [r["input"] for r in rows] == ["peft_llm/lora_r4_kv"]
+    assert [r["path"] for r in rows] == ["peft_llm/lora_r4_kv"]
     failed = dict(failures)
     assert "peft_llm/dora" in failed and "differ" in failed["peft_llm/dora"]
     assert "diffusers_sd/ground_truth.safetensors" in failed
@@ -232,7 +232,7 @@ def test_predict_on_a_folder_of_real_adapter_files(fixture_shaped_run, tmp_path)
     assert "peft_llm/dora" in proc.stderr
     with open(out) as f:
         table = list(csv.DictReader(f))
-    assert [r["input"] for r in table] == ["peft_llm/lora_r4_kv"] and float(
+    assert [r["path"] for r in table] == ["peft_llm/lora_r4_kv"] and float(
         table[0]["score"]
     ) == pytest.approx(float(rows[0]["score"]), rel=1e-6)
 

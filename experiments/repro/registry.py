@@ -8,7 +8,7 @@ persona-attribute models). Sizes:
 - ``paper``: the paper's dataset sizes (personas 3,900, digit subsets 2,046, arithmetic
   sources 2,000), 3 seeds, the epochs of ``experiments/configs/paper.py``;
 - ``quick``: the generators' quick sizes (1,000 / 512 / 256 LoRAs), 3 seeds, the main
-  job of the README (about ten minutes on 2 CPU cores);
+  job of the README (18 min 34 s on 2 CPU cores from an empty cache, BUILD_NOTES.md);
 - ``tiny``: tiny base models and 80 LoRAs per dataset, 2 seeds, 2 epochs: the CI smoke
   test (every table and plot, meaningless numbers).
 """

@@ -239,8 +239,11 @@ def predict_inputs(
     up the single-process result.
 
     Returns:
-      ``(rows, failures)``: one row per input, ``{"input": key, <prediction columns>}``,
-      in a deterministic order; ``[(key, reason)]``.
+      ``(rows, failures)``: one row per input, in a deterministic order, keyed as labels
+      are: ``{"path": key, <prediction columns>}`` for adapters (their path relative to
+      ``inputs``, the key :func:`gllora.io.importer.import_adapters` gives the labels
+      table) or ``{"id": example id, ...}`` for a dataset folder (its ``labels.csv``'s
+      key); ``[(key, reason)]``.
     """
     from gllora import io
 
@@ -257,7 +260,8 @@ def predict_inputs(
             ids = np.asarray([int(k) for k in chunk])
             ids = np.concatenate([ids, np.repeat(ids[-1:], size - len(ids))])
             layout = predictor.setup.layout
-            rows.extend(_rows(predictor, chunk, ds.batch(ids, ranks=ranks, layout=layout), layout))
+            batch = ds.batch(ids, ranks=ranks, layout=layout)
+            rows.extend(_rows(predictor, "id", chunk, batch, layout))
         return rows, []
     failures = []
     for start in range(0, len(mine), size):
@@ -275,16 +279,17 @@ def predict_inputs(
             continue
         batch = [lora for _, lora in loaded]
         batch += batch[-1:] * (size - len(batch))  # one batch size: one compile
-        rows.extend(_rows(predictor, [k for k, _ in loaded], batch))
+        rows.extend(_rows(predictor, "path", [k for k, _ in loaded], batch))
     return rows, failures
 
 
 def _rows(
-    predictor: Predictor, keys: list[str], batch, layout: str = "leading"
+    predictor: Predictor, column: str, keys: list[str], batch, layout: str = "leading"
 ) -> list[dict[str, Any]]:
-    """Rows for ``keys``, the first ``len(keys)`` LoRAs of ``batch`` (the rest is padding)."""
+    """Rows ``{column: key, ...}`` for ``keys``, the first ``len(keys)`` LoRAs of ``batch``
+    (the rest is padding)."""
     decoded = predictor(batch, layout)
-    return [{"input": key, **{c: v[i] for c, v in decoded.items()}} for i, key in enumerate(keys)]
+    return [{column: key, **{c: v[i] for c, v in decoded.items()}} for i, key in enumerate(keys)]
 
 
 def write_predictions(
@@ -326,7 +331,7 @@ def write_predictions(
     if parallel.is_main_process():
         with open(out, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(columns or ["input"])
+            writer.writerow(columns or ["path"])
             writer.writerows(cells)
     return len(cells), failures
 

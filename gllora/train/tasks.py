@@ -1,7 +1,9 @@
 """Prediction targets: what a model predicts, its loss and its metrics, as in the paper.
 
 - regression: MSE on targets standardised with training statistics (the paper's
-  "normalized CLIP score"); metrics MSE (standardised units), R^2, Kendall's tau.
+  "normalized CLIP score"); metrics ``mse`` (standardised units), ``mse_target_units``
+  (the same errors in the targets' units: ``mse * std**2`` for one column), R^2,
+  Kendall's tau.
 - binary / multilabel: sigmoid cross-entropy; mean per-label accuracy and each label's.
 - categorical: softmax cross-entropy; accuracy.
 
@@ -194,7 +196,9 @@ def metrics(targets: Sequence[Target], outputs: np.ndarray, y: np.ndarray) -> di
         out = outputs[:, t.offset : t.offset + t.num_outputs]
         m: dict[str, Any] = {}
         if t.task == "regression":
-            m["mse"] = float(np.mean((out - y_t) ** 2))
+            m["mse"] = float(np.mean((out - y_t) ** 2))  # standardised units, as the loss
+            # The same errors in the targets' own units (what the Predictor returns).
+            m["mse_target_units"] = float(np.mean(((out - y_t) * np.asarray(t.std)) ** 2))
             ss_res = ((out - y_t) ** 2).sum(0)
             ss_tot = ((y_t - y_t.mean(0)) ** 2).sum(0)
             m["r2"] = float(np.mean(1.0 - ss_res / np.maximum(ss_tot, 1e-12)))
