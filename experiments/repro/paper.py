@@ -3,7 +3,7 @@ tables. Values are ``(mean, std)`` as printed; accuracies in percent where the p
 prints percent (Tables 3, 4), as fractions where it prints fractions (Table 5).
 
 The paper's datasets differ from ours (Stable Diffusion / Qwen2 finetunes against small
-built-in analogues; see DESIGN.md section 6): its numbers are the pattern to compare
+built-in analogues; see BUILD_NOTES.md, "Built-in datasets"): its numbers are the pattern to compare
 with, not values to match.
 """
 

@@ -60,12 +60,18 @@ def figure4(fig4: dict[str, dict], chance: float | None, out: str) -> list[str]:
 
 def figure5(rows: list[dict], cap_gb: float, out: str) -> list[str]:
     """``figure5_preprocess.png``, ``figure5_forward.png``, ``figure5_memory.png``:
-    against the GPT-3 model size; out-of-memory points drawn as crosses at the top."""
+    against the GPT-3 model size; out-of-memory points drawn as crosses at the top, errors
+    (failures that are not a measured out of memory) as hollow squares there."""
     plt = _pyplot()
     paths = []
+    counts = rows[0].get("settings", {}) if rows else {}
     panels = (
-        ("preprocess", "preprocess_s", "preprocessing time, 64 inputs (s)"),
-        ("forward", "forward_s", "forward time, 512 inputs (s)"),
+        (
+            "preprocess",
+            "preprocess_s",
+            f"preprocessing time, {counts.get('preprocess', '?')} inputs (s)",
+        ),
+        ("forward", "forward_s", f"forward time, {counts.get('forward', '?')} inputs (s)"),
         ("memory", "peak_mb", "peak memory above start-up (MB)"),
     )
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -84,14 +90,18 @@ def figure5(rows: list[dict], cap_gb: float, out: str) -> list[str]:
             y = [max(_value(r, key), 1e-4) for r in ok]
             color = COLORS.get(model)
             ax.plot(x, y, marker="o", color=color, label=paper.MODEL_NAMES.get(model, model))
-            bad = [timing.GPT3_PARAMS[r["gpt3"]] for r in mine if r["status"] != "ok"]
-            if bad:
-                ax.scatter(bad, [top * 3] * len(bad), marker="x", s=60, color=color)
+            oom = [timing.GPT3_PARAMS[r["gpt3"]] for r in mine if r["status"] == "oom"]
+            if oom:
+                ax.scatter(oom, [top * 3] * len(oom), marker="x", s=60, color=color)
+            err = [timing.GPT3_PARAMS[r["gpt3"]] for r in mine if r["status"] not in ("ok", "oom")]
+            if err:
+                ax.scatter(err, [top * 6] * len(err), marker="s", s=50, facecolors="none",
+                           edgecolors=color)  # fmt: skip
         if name == "memory":
             ax.axhline(cap_gb * 1024, color="k", ls=":", lw=1, label=f"cap {cap_gb:g} GB")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("GPT-3 model size (parameters); x: out of memory at the cap")
+        ax.set_xlabel("GPT-3 model size (parameters); x: out of memory, square: error")
         ax.set_ylabel(label)
         ax.set_title(f"Figure 5: {name}")
         if ax.get_legend_handles_labels()[0]:

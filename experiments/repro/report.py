@@ -111,7 +111,10 @@ def _commands(state) -> str:
 def _findings(found: list[dict]) -> str:
     lines = []
     for f in found:
-        lines.append(f"- **{f['finding']}: {f['verdict'].upper()}.**")
+        if f["verdict"] == findings.NOT_JUDGED:
+            lines.append(f"- {f['finding']}: {f['verdict']}.")
+        else:
+            lines.append(f"- **{f['finding']}: {f['verdict'].upper()}.**")
         lines += [f"  - {e}" for e in f["evidence"]]
     rules = findings.__doc__.split("Rules", 1)[1]
     return "\n".join(lines) + "\n\nRules" + rules.rstrip() + "\n"
@@ -128,7 +131,7 @@ def write(state: dict[str, Any]) -> str:
     # The paper's findings are about its five models: the peers are reported, not judged.
     paper_models = [m for m in models if m in registry.PAPER_MODELS]
     found = findings.all_findings(
-        runs, paper_models, state["chance"], state["d3"], state["fig4"], state["fig5"]
+        runs, paper_models, state["chance"], state["d3"], state["fig4"], state["fig5"], size.name
     )
     state["findings"] = found
     import jax
@@ -139,7 +142,8 @@ def write(state: dict[str, Any]) -> str:
         f"`{command(state)}` on "
         f"{platform.machine()} ({os.cpu_count()} CPU cores, shared with other work; jax "
         f"{jax.__version__}). Wall time of this invocation: {state['seconds']:.0f} s.\n",
-        "The datasets are gllora's built-in analogues of the paper's (DESIGN.md section 6), "
+        "The datasets are gllora's built-in analogues of the paper's (BUILD_NOTES.md, "
+        "\"Built-in datasets\"), "
         "orders of magnitude smaller and cheaper: compare the *pattern* across models with "
         "the paper's, not the values.\n",
         "## Summary (test metric, mean ± std over seeds)\n",

@@ -189,33 +189,48 @@ def figure4_table(fig4: dict[str, dict], ranks) -> str:
     return _table("Figure 4: generalisation to unseen ranks", cols, rows, note)
 
 
+def figure5_status(row: dict) -> str:
+    """``ok``, ``OOM (<kind>)`` (a measured or planned out of memory) or ``ERROR``."""
+    if row["status"] == "ok":
+        return "ok"
+    if row["status"] == "oom":
+        return f"OOM ({row.get('oom_kind', 'measured')})"
+    return "ERROR"
+
+
 def figure5_table(rows: list[dict], cap_gb: float) -> str:
-    cols = ["GPT-3", "layers x d", "model", "preprocess 64 (s)", "forward 512 (s)"]
+    counts = rows[0]["settings"] if rows and "settings" in rows[0] else {}
+    pre, fwd = counts.get("preprocess", "?"), counts.get("forward", "?")
+    cols = ["GPT-3", "layers x d", "model", f"preprocess {pre} (s)", f"forward {fwd} (s)"]
     cols += ["forward batch", "peak memory (MB)", "status"]
     out = []
     for r in rows:
         layers, d = timing.GPT3[r["gpt3"]]
         ok = r["status"] == "ok"
         peak = max(r.get("preprocess_peak_mb", 0), r.get("forward_peak_mb", 0)) if ok else None
+        why = str(r.get("reason") or r.get("error") or "")[:80]
         out.append(
             [
                 r["gpt3"],
                 f"{layers} x {d}",
-                paper.MODEL_NAMES[r["model"]],
+                paper.MODEL_NAMES.get(r["model"], r["model"]),
                 f"{r['preprocess_s']:.3f}"
                 if ok and r["model"] in ("mlp_oalign", "mlp_svd", "mlp_dense")
                 else "-",
                 f"{r['forward_s']:.2f}" if ok else "-",
                 str(r.get("forward_batch", "-")) if ok else "-",
                 f"{peak:.0f}" if ok else "-",
-                "ok" if ok else f"{r['status'].upper()}: {r.get('reason', '')[:80]}",
+                "ok" if ok else f"{figure5_status(r)}: {why}",
             ]
         )
     note = (
-        "One rank-4 LoRA on one [d, d] attention matrix per layer. Each measurement in its "
-        f"own process on one CPU core, capped at {cap_gb:g} GB above start-up; OOM: does not "
-        "fit under the cap (estimated from the parameter and feature sizes, or failed to "
-        "allocate). Times exclude compilation; the forward includes featurisation (gllora's "
-        f"models featurise inside). Paper: {paper.FIGURE5}"
+        f"One rank-4 LoRA on one [d, d] attention matrix per layer; {pre} inputs "
+        f"preprocessed, {fwd} forwarded. Each measurement in its own process on one CPU "
+        f"core, capped at {cap_gb:g} GB above start-up. OOM: a measured out of memory "
+        "(planned: the compiled programs' buffers do not fit under the cap; allocation: "
+        "an allocation failed; killed: the process was killed at the cap). ERROR: any other "
+        "failure, with its message: not a measurement, and the cost finding does not judge "
+        "that model. Times exclude compilation; the forward includes featurisation "
+        f"(gllora's models featurise inside). Paper: {paper.FIGURE5}"
     )
     return _table("Figure 5: runtime and memory across the GPT-3 family", cols, out, note)
