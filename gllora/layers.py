@@ -130,6 +130,28 @@ def gl_nonlinearity(lora: Lora, sigma: str) -> Lora:
     return lora.replace(u=tuple(p[0] for p in pairs), v=tuple(p[1] for p in pairs))
 
 
+class InvariantGate(nn.Module):
+    """:func:`gllora.ops.invariant_gate` on every module, with its parameters.
+
+    Equivariant to an independent ``g_i`` in GL(r) per module. Initialised at the row
+    sums (``b = 1 / sqrt(size)``), unit scale and zero shift: a soft gate around 1/2.
+    """
+
+    @nn.compact
+    def __call__(self, lora: Lora) -> Lora:
+        us, vs = [], []
+        for g, u, v in zip(lora.spec.groups, lora.u, lora.v):
+            k, width = len(g.names), max(g.n, g.m)
+            b_u = self.param(f"b_u_{g.key}", nn.initializers.constant(g.m**-0.5), (k, g.m))
+            b_v = self.param(f"b_v_{g.key}", nn.initializers.constant(g.n**-0.5), (k, g.n))
+            scale = self.param(f"scale_{g.key}", nn.initializers.ones, (2, k, width))
+            shift = self.param(f"shift_{g.key}", nn.initializers.zeros, (2, k, width))
+            u2, v2 = ops.invariant_gate(u, v, b_u, b_v, scale, shift)
+            us.append(u2)
+            vs.append(v2)
+        return lora.replace(u=tuple(us), v=tuple(vs))
+
+
 class RowDropout(nn.Module):
     """Drops whole rows of ``u`` and ``v``: commutes with the GL action on columns."""
 

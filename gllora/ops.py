@@ -105,3 +105,38 @@ def gl_nonlinearity(u: Array, v: Array, sigma: Callable[[Array], Array]) -> tupl
     rows, cols = row_sums(u, v)
     return sigma(rows)[..., None] * u, sigma(cols)[..., None] * v
 
+
+def invariant_gate(
+    u: Array, v: Array, b_u: Array, b_v: Array, scale: Array, shift: Array
+) -> tuple[Array, Array]:
+    """A gate on each row from a learned, normalised invariant (an alternative to eq. 6).
+
+    Row ``i`` of ``u`` is scaled by ``sigmoid(a_i z_i / rms(z) + c_i)`` with
+    ``z = (u v^T) b_u = u (v^T b_u)`` (``b_u = 1`` gives eq. 6's row sums), ``rms`` over the
+    module's rows, and learned ``a, c``; the same for ``v`` with ``(v u^T) b_v``. ``z`` is a
+    function of ``u v^T``, hence invariant, so the map is equivariant (Lemma 2). Eq. 6's
+    ``relu(sign(row sum))`` is a 0/1 mask whose pattern, on LoRAs whose row-sum signs are
+    coin flips, differs from one LoRA to the next; this gate is smooth, does not grow with
+    the rank (the normalisation), and its bias can learn to hold a row open.
+
+    Args:
+      u: ``[k, n, r]``; v: ``[k, m, r]``.
+      b_u: ``[k, m]``, b_v: ``[k, n]``: the learned directions.
+      scale, shift: ``[2, k, max(n, m)]``: per row, for ``u`` (index 0, first ``n``) and
+        ``v`` (index 1, first ``m``).
+
+    Returns:
+      ``(u', v')``, shapes kept.
+    """
+    n, m = u.shape[1], v.shape[1]
+
+    def gate(z, a, c):
+        rms = jnp.sqrt(jnp.mean(z * z, axis=1, keepdims=True) + 1e-12)
+        return jax.nn.sigmoid(a * z / rms + c)[..., None]
+
+    z_u = jnp.einsum("knr,kr->kn", u, jnp.einsum("kmr,km->kr", v, b_u))
+    z_v = jnp.einsum("kmr,kr->km", v, jnp.einsum("knr,kn->kr", u, b_v))
+    return (
+        gate(z_u, scale[0, :, :n], shift[0, :, :n]) * u,
+        gate(z_v, scale[1, :, :m], shift[1, :, :m]) * v,
+    )

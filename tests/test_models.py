@@ -135,6 +135,33 @@ def test_glnet_trunk_is_equivariant_lora_to_lora(width):
     testing.assert_equivariant(lambda x: trunk.apply(variables, x), KEY, lora, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_glnet_invariant_gate_and_residual_blocks_are_equivariant(residual):
+    lora = testing.random_lora(KEY, SHAPES, rank=RANK)
+    trunk = GLNetTrunk(width=6, depth=3, nonlinearity="gate", residual=residual)
+    variables = trunk.init(KEY, lora)
+    # Learned gate parameters away from their init, so the test sees a generic gate.
+    variables = jax.tree_util.tree_map(
+        lambda x: x + 0.3 * jax.random.normal(jax.random.key(5), x.shape), variables
+    )
+    fn = lambda x: trunk.apply(variables, x)
+    testing.assert_equivariant(fn, KEY, lora, rtol=1e-3, atol=1e-4)
+    model = models.build("glnet", num_outputs=2, equiv_width=6, equiv_depth=3,
+                         nonlinearity="gate", residual=residual)  # fmt: skip
+    mv = model.init(KEY, lora)
+    testing.assert_invariant(lambda x: model.apply(mv, x), KEY, lora, rtol=1e-3, atol=1e-4)
+
+    # Negative control: a gate computed from the raw factor (not an invariant) breaks it.
+    def bad(x):
+        y = fn(x)
+        return y.replace(u=tuple(jax.nn.sigmoid(u.sum(-1, keepdims=True)) * u for u in y.u))
+
+    with pytest.raises(AssertionError):
+        testing.assert_equivariant(bad, KEY, lora, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown GL nonlinearity"):
+        GLNetTrunk(width=6, depth=2, nonlinearity="relu").init(KEY, lora)
+
+
 def test_glnet_mean_head_and_training_mode_dropout():
     lora = testing.random_lora(KEY, SHAPES, rank=RANK)
     model = models.build("glnet", num_outputs=1, equiv_width=4, head="mean", head_width=8)

@@ -17,19 +17,27 @@ from gllora.lora import Lora
 Array = jax.Array
 
 
+#: GL nonlinearities of the trunk: eq. 6 with a scalar function (``gllora.ops.SIGMAS``),
+#: or ``"gate"``, a learned gate on a normalised invariant (``gllora.ops.invariant_gate``).
+NONLINEARITIES = ("gate", "relu_sign", "sigmoid", "softplus", "tanh")
+
+
 class GLNetTrunk(nn.Module):
     """Equivariant LoRA -> LoRA map: ``EquivariantLinear``, then ``depth - 1`` times
-    ``GL nonlinearity -> row dropout -> EquivariantLinear``.
+    ``GL nonlinearity -> row dropout -> EquivariantLinear`` (with ``residual``, each of
+    those blocks is added to its input: ``x + block(x)``, factor by factor).
 
     Equivariant to an independent ``g_i`` in GL(r) per module: ``trunk(x . g) ==
-    trunk(x) . g``. Output modules have ``width`` rows in both factors, or, with
-    ``width=None``, the input's own shapes (a map of the LoRA space to itself).
+    trunk(x) . g`` (a sum of equivariant maps is equivariant). Output modules have
+    ``width`` rows in both factors, or, with ``width=None``, the input's own shapes (a map
+    of the LoRA space to itself).
     """
 
     width: int | None = 16
     depth: int = 2
     nonlinearity: str = "relu_sign"
     row_dropout: float = 0.1
+    residual: bool = False
 
     @nn.compact
     def __call__(self, lora: Lora, train: bool = False) -> Lora:
@@ -39,12 +47,25 @@ class GLNetTrunk(nn.Module):
         x = layers.EquivariantLinear(self.width, None if self.width else shapes, name="equiv_0")(
             lora
         )
+        if self.nonlinearity not in NONLINEARITIES:
+            raise ValueError(
+                f"unknown GL nonlinearity {self.nonlinearity!r}; known: {NONLINEARITIES}"
+            )
         for i in range(1, self.depth):
-            x = layers.gl_nonlinearity(x, self.nonlinearity)
-            x = layers.RowDropout(self.row_dropout, name=f"row_dropout_{i}")(x, train)
-            x = layers.EquivariantLinear(
+            if self.nonlinearity == "gate":
+                h = layers.InvariantGate(name=f"gate_{i}")(x)
+            else:
+                h = layers.gl_nonlinearity(x, self.nonlinearity)
+            h = layers.RowDropout(self.row_dropout, name=f"row_dropout_{i}")(h, train)
+            h = layers.EquivariantLinear(
                 self.width, None if self.width else shapes, name=f"equiv_{i}"
-            )(x)
+            )(h)
+            if self.residual:
+                h = h.replace(
+                    u=tuple(a + b for a, b in zip(x.u, h.u)),
+                    v=tuple(a + b for a, b in zip(x.v, h.v)),
+                )
+            x = h
         return x
 
 
@@ -69,6 +90,7 @@ class GLNet(nn.Module):
     head_depth: int = 1
     dropout: float = 0.1
     row_dropout: float = 0.1
+    residual: bool = False
 
     @nn.compact
     def __call__(self, lora: Lora, train: bool = False) -> Array:
@@ -77,7 +99,12 @@ class GLNet(nn.Module):
         extras = layers.extras_features(lora)
         layers.check_input(self, lora, extra_keys=[] if extras is None else [extras[0]])
         x = GLNetTrunk(
-            self.equiv_width, self.equiv_depth, self.nonlinearity, self.row_dropout, name="trunk"
+            self.equiv_width,
+            self.equiv_depth,
+            self.nonlinearity,
+            self.row_dropout,
+            self.residual,
+            name="trunk",
         )(lora, train)
         inputs = []
         for g, u, v in zip(x.spec.groups, x.u, x.v):
