@@ -57,19 +57,20 @@ def main(argv):
             with open(path, "w") as f:
                 json.dump(done, f, indent=1)
             log.say(f"sweep {experiment}/{model}: {done[experiment][model]['chosen']}")
-    lines = [
-        "| experiment | model | lr | wd | width, depth | val loss | trials |",
-        "|---" * 7 + "|",
-    ]
+    lines = ["| experiment | model | lr | wd | val loss | trials |", "|---" * 6 + "|"]
     chosen: dict[str, dict] = {}
     for experiment, per_model in done.items():
         for model, r in per_model.items():
             h = r["chosen"]
-            chosen.setdefault(experiment, {})[model] = h
-            arch = ", ".join(f"{k}={v}" for k, v in sorted(h["model"].items()))
+            chosen.setdefault(experiment, {})[model] = {
+                "learning_rate": h["learning_rate"],
+                "weight_decay": h["weight_decay"],
+                "val_loss": round(r["val_loss"], 4),
+                "trials": len(r["trials"]),
+            }
             lines.append(
                 f"| {experiment} | {model} | {h['learning_rate']:g} | {h['weight_decay']:g} | "
-                f"{arch} | {r['val_loss']:.4f} | {len(r['trials'])} |"
+                f"{r['val_loss']:.4f} | {len(r['trials'])} |"
             )
     with open(os.path.join(out, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

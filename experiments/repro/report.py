@@ -74,15 +74,16 @@ def _hparams(state) -> str:
         f"epochs: {', '.join(f'{k} {v}' for k, v in epochs.items())}. Tuned: "
         + ("yes (experiments/sweep.py)" if paper_config.HPARAMS else "no (defaults)"),
         "",
-        "| experiment | model | lr | weight decay | architecture |",
-        "|---|---|---|---|---|",
+        "| experiment | model | lr | weight decay | architecture | how lr and wd were chosen |",
+        "|---|---|---|---|---|---|",
     ]
     for exp in registry.EXPERIMENTS:
         for model in state["models"]:
             h = paper_config.hparams(exp, model)
             arch = ", ".join(f"{k}={v}" for k, v in sorted(h["model"].items())) or "defaults"
             lines.append(
-                f"| {exp} | {model} | {h['learning_rate']:g} | {h['weight_decay']:g} | {arch} |"
+                f"| {exp} | {model} | {h['learning_rate']:g} | {h['weight_decay']:g} | {arch} "
+                f"| {h['chosen_by']} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -1,22 +1,20 @@
 """The hyperparameter sweep of the section 5 models (``python -m experiments.sweep``).
 
-For every experiment and model, a small coordinate sweep on the validation split of
-the quick-size datasets, each trial with 2 seeds and the quick protocol's epochs
-(``experiments/configs/paper.py``):
+Every (experiment, model) pair is tuned the same way, on the validation split of the
+quick-size datasets, each trial with 2 seeds and the quick protocol's epochs
+(``experiments/configs/paper.py``), from the pair's architecture (``paper.ARCH``: the
+authors' where they published one, else the model's defaults) and the family's base
+(``paper.BASE``, and for a peer its authors' recipe, ``paper.PEER_RECIPES``):
 
-1. learning rate in {3e-4, 1e-3, 3e-3} (weight decay, width and depth at their defaults);
-2. width at the best learning rate: MLP hidden {128, 256, 512} (MLP + Dense {8, 16, 32}:
-   its first layer has ``sum n m x hidden`` weights), GL-net equivariant width {8, 16, 32};
-3. depth: MLP layers {1, 2, 3}, GL-net equivariant layers {1, 2};
-4. weight decay {0, 1e-2}.
-
-Peers (not in the paper): W2T hidden {64, 128, 256} and module layers {1, 2}, starting
-from its authors' recipe (``PEER_RECIPES``); GL-net-seq width {8, 16, 32} and
-transformer layers {1, 2}; the spectral detector's learning rates a decade higher
-(a linear model) and its aggregate (mean, mean and max) in place of a width.
+1. learning rate in the paper's grid {5e-5, 1e-4, 5e-4, 1e-3, 5e-3} (the linear spectral
+   head a decade higher: {5e-4, 1e-3, 5e-3, 1e-2, 5e-2}: it moves ~lr per step);
+2. weight decay {0, 1e-2} at the best learning rate.
 
 Each stage keeps the value with the lowest mean validation loss (the loss of each
-seed's best epoch): 7-8 trials per pair.
+seed's best epoch): 6 trials per pair, every trial stored (``DIR/sweep.json``, and each
+run's folder under ``DIR/trials``). Architectures are not swept: they follow the authors
+(GL-net's depth and width per family are settled by the study of
+``python -m experiments.glnet_study``).
 """
 
 from __future__ import annotations
@@ -25,30 +23,10 @@ import json
 import os
 from typing import Any
 
-LEARNING_RATES = (3e-4, 1e-3, 3e-3)
-WIDTHS = {
-    "mlp": ("hidden", (128, 256, 512)),
-    "mlp_oalign": ("hidden", (128, 256, 512)),
-    "mlp_svd": ("hidden", (128, 256, 512)),
-    "mlp_dense": ("hidden", (8, 16, 32)),
-    "glnet": ("equiv_width", (8, 16, 32)),
-    "w2t": ("hidden", (64, 128, 256)),
-    "spectral": ("aggregate", ("mean", "mean_max")),  # a linear model: its features
-    "glnet_seq": ("width", (8, 16, 32)),
-}
-DEPTHS = {
-    "mlp": ("depth", (1, 2, 3)),
-    "mlp_oalign": ("depth", (1, 2, 3)),
-    "mlp_svd": ("depth", (1, 2, 3)),
-    "mlp_dense": ("depth", (1, 2, 3)),
-    "glnet": ("equiv_depth", (1, 2)),
-    "w2t": ("module_depth", (1, 2)),
-    "spectral": None,  # no depth
-    "glnet_seq": ("depth", (1, 2)),
-}
-#: Learning rates of the linear spectral head: it moves ~lr per step, so its grid is
-#: a decade higher.
-LINEAR_LEARNING_RATES = (1e-3, 3e-3, 1e-2)
+#: The paper's learning-rate grid (REFERENCE_NOTES.md: the authors' sweep).
+LEARNING_RATES = (5e-5, 1e-4, 5e-4, 1e-3, 5e-3)
+#: The linear spectral head's: the same grid a decade higher.
+LINEAR_LEARNING_RATES = (5e-4, 1e-3, 5e-3, 1e-2, 5e-2)
 WEIGHT_DECAYS = (0.0, 1e-2)
 SWEEP_SEEDS = 2
 
@@ -67,20 +45,11 @@ def sweep_pair(experiment: str, model: str, data: str, out: str) -> dict[str, An
       ``{"trials": {tag: {"hparams", "val_loss", "val_loss_std", "test", "seconds"}},
       "chosen": hparams, "val_loss": float}``.
     """
-    from experiments.configs import default, paper
+    from experiments.configs import paper
     from experiments.repro import runner, workers
 
-    base = paper.BASE[paper.FAMILY[experiment]]
-    width_key, widths = WIDTHS[model]
-    depth_key, depths = DEPTHS[model] or (None, ())
-    defaults = default.model_defaults()[model]
-    # The family's base and, for a peer, its authors' recipe (not earlier sweep choices).
-    best = {**base, **paper.PEER_RECIPES.get(model, {})}
-    best["model"] = {width_key: defaults[width_key]}
-    if model == "w2t" and experiment in paper.CLASSIFICATION:
-        best["model"]["token_augment"] = 0.5
-    if depth_key:
-        best["model"][depth_key] = defaults[depth_key]
+    # The family's base, a peer's recipe and the pair's fixed architecture.
+    best = paper.hparams(experiment, model, tuned=False)
     trials: dict[str, dict] = {}
 
     def trial(h: dict) -> float:
@@ -108,17 +77,11 @@ def sweep_pair(experiment: str, model: str, data: str, out: str) -> dict[str, An
         return trials[name]["val_loss"]
 
     rates = LINEAR_LEARNING_RATES if model == "spectral" else LEARNING_RATES
-    stages = [
-        ("learning_rate", False, rates),
-        (width_key, True, widths),
-        *([(depth_key, True, depths)] if depth_key else []),
-        ("weight_decay", False, WEIGHT_DECAYS),
-    ]
-    for key, in_model, values in stages:
+    for key, values in (("learning_rate", rates), ("weight_decay", WEIGHT_DECAYS)):
         candidates = []
         for value in values:
             h = json.loads(json.dumps(best))
-            (h["model"] if in_model else h)[key] = value
+            h[key] = value
             candidates.append((trial(h), h))
         best = min(candidates, key=lambda c: c[0])[1]
     return {"trials": trials, "chosen": best, "val_loss": trial(best)}
