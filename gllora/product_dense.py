@@ -168,6 +168,29 @@ def _fused_fwd(a, b, kernel):
     return out, (a, b, kernel, t)
 
 
+def _kernel_grad_elementwise(a: Array, b: Array, g: Array) -> Array:
+    """``dW[k, (j, c), i] = sum_B P_B[k, j, i] g[B, c]`` as ``B`` broadcast products.
+
+    With fewer examples than outputs (``B < h``) the batch's products ``P [k, B, J, I]``
+    are smaller than the kernel, and ``dW`` written as an elementwise expression of them
+    is fused by XLA into its consumers (the optimiser's moment updates), so the kernel-
+    sized gradient is never a buffer of its own: at the Qwen2 k/v shape a fresh 1.4 GB
+    per step whose page faults alone cost ~0.5 s. (A GEMM's output always is a buffer.)
+    """
+    k, i, batch, r = a.shape
+    j, h = b.shape[1], g.shape[1]
+    # g is an expression of the network's backward pass: materialise it (a product with
+    # the identity is a buffer XLA does not fuse; an optimization barrier is dropped
+    # before fusion on CPU), or XLA fuses that expression into the kernel-sized loop and
+    # recomputes it for every entry (70x slower).
+    g = g @ jnp.eye(h, dtype=g.dtype)
+    # [k, B, J, I], as the batched product lays it out: each term below then streams
+    # one contiguous [J, I] slab (a transposed layout turns the loop into gathers, 20x).
+    p = jnp.einsum("kjbr,kibr->kbji", b, a)
+    terms = [p[:, n, :, None, :] * g[n][None, None, :, None] for n in range(batch)]
+    return sum(terms[1:], terms[0]).reshape(k, j * h, i)
+
+
 def _fused_bwd(res, g):
     a, b, kernel, t = res
     k, i, batch, r = a.shape
@@ -176,9 +199,11 @@ def _fused_bwd(res, g):
     g5 = g.T[None, None, :, :, None]  # [1, 1, h, B, 1]
     # (b * g)[k, (J, h), (B, r)]: small; both big products below are plain GEMMs on it.
     bg = (b[:, :, None] * g5).reshape(k, j * h, batch * r)
-    # dW = (b g) a^T: [J h, B r] @ [B r, I]; a^T materialised row-major (small).
-    a_t = lax.optimization_barrier(jnp.swapaxes(a.reshape(k, i, batch * r), 1, 2))
-    d_kernel = _module_gemm(bg, a_t)
+    if batch < h:
+        d_kernel = _kernel_grad_elementwise(a, b, g)
+    else:  # dW = (b g) a^T: [J h, B r] @ [B r, I]; a^T materialised row-major (small).
+        a_t = lax.optimization_barrier(jnp.swapaxes(a.reshape(k, i, batch * r), 1, 2))
+        d_kernel = _module_gemm(bg, a_t)
     # Dropped by XLA when the factors need no gradient (training).
     d_a = lax.dot_general(kernel, bg, (((1,), (1,)), ((0,), (0,)))).reshape(a.shape)
     d_b = jnp.sum(t * g5, axis=2)  # [k, J, B, r]

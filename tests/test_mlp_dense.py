@@ -45,10 +45,10 @@ def _abs_terms(a, b, kernel) -> np.ndarray:
     return np.einsum("...kir,...kjr,kijh->...h", a, b, _w4(kernel))
 
 
-def _inputs(seed: int = 0):
+def _inputs(seed: int = 0, batch: int = B):
     ka, kb, kw = jax.random.split(jax.random.key(seed), 3)
-    a = jax.random.normal(ka, (B, K, I, R))
-    b = jax.random.normal(kb, (B, K, J, R))
+    a = jax.random.normal(ka, (batch, K, I, R))
+    b = jax.random.normal(kb, (batch, K, J, R))
     kernel = jax.random.normal(kw, (K, J * H, I))
     return a, b, kernel
 
@@ -91,11 +91,14 @@ def test_value_equals_the_formed_products_in_every_batching():
 
 
 @pytest.mark.parametrize("rank_major", [False, True])
-def test_gradients_equal_the_formed_products(rank_major):
+@pytest.mark.parametrize("batch", [B, H - 1], ids=["gemm", "elementwise"])
+def test_gradients_equal_the_formed_products(rank_major, batch):
     """grad of a batched loss (the vmap inside the grad, as in training) w.r.t. the kernel
-    and both factors. A linear loss ``sum_b c_b . out_b`` makes every cotangent exact."""
-    a, b, kernel = _inputs(1)
-    c = jax.random.normal(jax.random.key(7), (B, H))
+    and both factors, on both ways to the kernel's gradient (a GEMM; with fewer examples
+    than outputs, products times cotangents). A linear loss ``sum_b c_b . out_b`` makes
+    every cotangent exact."""
+    a, b, kernel = _inputs(1, batch)
+    c = jax.random.normal(jax.random.key(7), (batch, H))
     axis = 2 if rank_major else 0
     a_in, b_in = jnp.moveaxis(a, 0, axis), jnp.moveaxis(b, 0, axis)
 
@@ -108,8 +111,8 @@ def test_gradients_equal_the_formed_products(rank_major):
     want = grads(_plain, a_in, b_in, kernel)
     a64, b64, c64 = (np.abs(np.asarray(x, np.float64)) for x in (a, b, c))
     w64 = _w4(kernel)
-    # dW_(ij)h = sum_(b, r) a b c: B*R terms of 3 factors.
-    bound_w = 2 * _gamma(B * R + 3) * np.einsum("bkir,bkjr,bh->kjhi", a64, b64, c64)
+    # dW_(ij)h = sum_(b, r) a b c: batch*R terms of 3 factors.
+    bound_w = 2 * _gamma(batch * R + 3) * np.einsum("bkir,bkjr,bh->kjhi", a64, b64, c64)
     np.testing.assert_array_less(np.abs(got[2] - want[2]).reshape(K, J, H, I), bound_w + 1e-30)
     # da_ir = sum_(j, h) W b c (J*H terms), db_jr = sum_(i, h) W a c (I*H terms).
     bound_a = 2 * _gamma(J * H + 3) * np.einsum("kijh,bkjr,bh->bkir", w64, b64, c64)
@@ -183,7 +186,9 @@ def test_mlp_dense_batched_equals_one_example_at_a_time(layout):
 
 def test_mlp_dense_never_forms_the_products():
     """The compiled batched forward and training gradient hold far less than one batch of
-    products (``B * k * n * m`` floats) in temporaries."""
+    products (``B * k * n * m`` floats) in temporaries. (With more examples than outputs,
+    as here, the gradient is a GEMM; with fewer it is built from one batch of products,
+    which are then smaller than the kernel.)"""
     shapes = {"a": (32, 512), "b": (32, 512)}
     lora, model, variables = _model(shapes, rank=1, hidden=2)
     batch = stack([lora] * 8)

@@ -126,6 +126,19 @@ def test_figure5_records_tell_out_of_memory_from_other_failures():
     crashed = timing.from_process(-11, "", "Segmentation fault")
     assert crashed["status"] == "error" and crashed["error_type"] == "signal 11"
     assert timing.from_process(1, "", "Traceback ...")["status"] == "error"
+    # A resident peak over the cap is a measured out of memory; under it, ok.
+    over = timing._judge({"forward_peak_mb": 2100.0}, "forward", 2.0)
+    assert (over["status"], over["oom_kind"]) == ("oom", "measured") and "2.05 GB" in over["reason"]
+    assert timing._judge({"forward_peak_mb": 2000.0}, "forward", 2.0)["status"] == "ok"
+    # The phases' records merge into one; the first failure decides the status.
+    pre = {"status": "ok", "preprocess_s": 1.0, "plan": {"preprocess_chunk": 8}}
+    fwd = {"status": "oom", "oom_kind": "planned", "reason": "r", "plan": {"forward_batch": 0}}
+    merged = timing.merge({"preprocess": pre, "forward": fwd})
+    assert merged["status"] == "oom" and merged["failed_phase"] == "forward"
+    assert merged["preprocess_s"] == 1.0
+    assert merged["plan"] == {"preprocess_chunk": 8, "forward_batch": 0}
+    both = timing.merge({"preprocess": pre, "forward": {**pre, "forward_s": 2.0}})
+    assert both["status"] == "ok" and "failed_phase" not in both
 
 
 @pytest.mark.slow

@@ -39,6 +39,16 @@ import resource
 import sys
 import time
 
+from experiments.repro.memory_plan import (  # noqa: F401  # re-exported
+    MB,
+    RANK,
+    SCRATCH_FRACTION,
+    SCRATCH_MB,
+    abstract_inputs,
+    plan,
+    plan_programs,
+)
+
 #: GPT-3 family (Brown et al. 2020, Table 2.1): name -> (layers, d_model).
 GPT3 = {
     "125M": (12, 768),
@@ -54,10 +64,8 @@ GPT3_PARAMS = {
     "125M": 125e6, "350M": 350e6, "760M": 760e6, "1.3B": 1.3e9,
     "2.7B": 2.7e9, "6.7B": 6.7e9, "13B": 13e9, "175B": 175e9,
 }  # fmt: skip
-RANK = 4
-MB = 1 << 20
 #: Bumped when what a record means changes, so that stale records are measured again.
-VERSION = 2
+VERSION = 3
 
 
 def _status_kb(field: str) -> int:
@@ -92,122 +100,14 @@ def _peak_mb() -> float:
     return kb / 1024
 
 
-#: Buffers that XLA's buffer assignment does not see: the CPU runtime's GEMM libraries
-#: (Eigen, YNNPACK) pack operand blocks into scratch of their own. Measured on this
-#: machine (jaxlib 0.10.2) as the peak above the compiled program's buffers: see
-#: BUILD_NOTES.md, "Figure 5's memory plan".
-SCRATCH_FRACTION, SCRATCH_MB = 0.10, 256
-BATCHES = (64, 32, 16, 8, 4, 2, 1)
-
-
-def _abstract(model: str, layers: int, d: int, count: int):
-    """``(net, spec, abstract variables, abstract u, v, rank of count inputs)``."""
-    import jax
-
-    from gllora import Lora, models
-    from gllora.lora import GroupSpec, LoraSpec
-
-    names = tuple(f"layers.{i}.attn" for i in range(layers))
-    spec = LoraSpec(names, (GroupSpec(names, d, d),))
-    factor = jax.ShapeDtypeStruct((layers, d, RANK), "float32")
-    one = Lora(spec, [factor], [factor], [jax.ShapeDtypeStruct((layers,), "int32")])
-    net = models.build(model, num_outputs=1)
-    variables = jax.eval_shape(lambda x: net.init(jax.random.key(0), x), one)
-    u = jax.ShapeDtypeStruct((count, layers, d, RANK), "float32")
-    rank = jax.ShapeDtypeStruct((count, layers), "int32")
-    return net, spec, variables, u, u, rank
-
-
-def _take(x, i, size: int):
-    import jax
-
-    return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=0)
-
-
-def _forward_program(net, spec, size: int):
-    """Applies the model to inputs ``[i * size, (i + 1) * size)`` of ``u, v, rank``."""
-    import jax
-
-    from gllora import Lora
-
-    def forward(var, uu, vv, rr, i):
-        batch = Lora(spec, [_take(uu, i, size)], [_take(vv, i, size)], [_take(rr, i, size)])
-        return jax.vmap(lambda x: net.apply(var, x))(batch)
-
-    return jax.jit(forward)
-
-
-def _preprocess_program(model: str, size: int):
-    """The featurisation the paper runs before its MLPs, on one chunk (None: no such step)."""
-    import jax
-
-    from gllora import features
-
-    featurize = {
-        "mlp_oalign": lambda uu, vv: features.oalign(uu, vv, uu[0], vv[0]),
-        "mlp_svd": lambda uu, vv: features.singular_values(uu, vv),
-        "mlp_dense": lambda uu, vv: features.dense(uu, vv),
-    }.get(model)
-    if featurize is None:
-        return None
-    # Inputs are arguments (never closed over: a closed-over array is copied into the
-    # executable); each call featurises one chunk and materialises its output.
-    return jax.jit(lambda uu, vv, i: featurize(_take(uu, i, size), _take(vv, i, size)))
-
-
-def _needed(compiled) -> int:
-    """Bytes a compiled program holds while it runs: XLA's own buffer assignment
-    (arguments, outputs, temporaries) plus the libraries' scratch (``SCRATCH_*``)."""
-    m = compiled.memory_analysis()
-    held = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-    held -= m.alias_size_in_bytes
-    return int(held * (1 + SCRATCH_FRACTION) + SCRATCH_MB * MB)
-
-
-def _plan(model: str, layers: int, d: int, cap: float, inputs: int, batch: int, hparams):
-    """:func:`plan`, and the compiled programs it chose (``None`` where nothing fits)."""
-    import jax
-
-    net, spec, variables, u, v, rank = _abstract(model, layers, d, inputs)
-    params = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(variables))
-    lora_bytes = 2 * layers * d * RANK * 4
-    out = {"params_mb": params / MB, "inputs_mb": inputs * lora_bytes / MB, "cap_mb": cap / MB}
-    programs = {}
-    i = jax.ShapeDtypeStruct((), "int32")
-    phases = {
-        "forward": (batch, lambda b: _forward_program(net, spec, b), (variables, u, v, rank, i)),
-        "preprocess": (inputs, lambda b: _preprocess_program(model, b), (u, v, i)),
-    }
-    held = {"forward": params + inputs * lora_bytes, "preprocess": inputs * lora_bytes}
-    for phase, (most, make, args) in phases.items():
-        key = "forward_batch" if phase == "forward" else "preprocess_chunk"
-        out[key], programs[phase] = 0, None
-        if make(1) is None:  # no preprocessing for this model
-            out[key] = most
-            continue
-        if held[phase] > cap:  # not even the arguments fit: do not compile
-            out[f"{phase}_planned_mb"] = held[phase] / MB
-            continue
-        for b in (b for b in BATCHES if b <= most and inputs % b == 0):
-            compiled = make(b).lower(*args).compile()
-            out[f"{phase}_planned_mb"] = _needed(compiled) / MB
-            if _needed(compiled) <= cap:
-                out[key], programs[phase] = b, compiled
-                break
-    return out, programs
-
-
-def plan(model: str, layers: int, d: int, cap: float, inputs: int, batch: int, hparams):
-    """The memory each phase of :func:`measure` needs and the largest batches that fit.
-
-    Read from the compiled programs themselves (``memory_analysis``: every buffer XLA
-    assigns, with ``SCRATCH_*`` for the GEMM libraries' own), never from a formula of
-    the model: a program that does not fit under ``cap`` bytes is not run. Returns
-    ``params_mb``, ``inputs_mb``, ``cap_mb``; ``forward_batch`` and
-    ``preprocess_chunk`` (0: nothing fits) with ``forward_planned_mb`` and
-    ``preprocess_planned_mb`` (the need at that size, or at 1 where nothing fits).
-    """
-    return _plan(model, layers, d, cap, inputs, batch, hparams)[0]
+#: The address-space limit of a measuring process, over the cap: allocators map more than
+#: they touch (arenas, freed buffers the runtime releases on a thread of its own), so a
+#: cap on virtual memory would fail programs whose resident peak fits. The cap is
+#: enforced by the plan and by the measured resident peak (:func:`_judge`).
+SAFETY_FACTOR = 1.5
+#: Each phase is measured in a process of its own: memory a phase frees stays mapped in
+#: the C allocator's arenas, and ``RLIMIT_DATA`` counts it against the next phase.
+PHASES = ("preprocess", "forward")
 
 
 def _variables(variables, one):
@@ -229,24 +129,31 @@ def _variables(variables, one):
     return jax.tree_util.tree_map_with_path(fill, variables)
 
 
-def measure(model: str, name: str, cap_gb: float, pre_n: int, fwd_n: int, batch: int) -> dict:
-    """Measures one model at one GPT-3 size (call in a fresh process)."""
+def measure(
+    model: str, name: str, cap_gb: float, pre_n: int, fwd_n: int, batch: int, phase: str
+) -> dict:
+    """Measures one phase (``"preprocess"`` or ``"forward"``) of one model at one GPT-3
+    size; call in a fresh process (see :func:`measure_both`)."""
     import jax
     import jax.numpy as jnp
 
     layers, d = GPT3[name]
     out = {"model": model, "gpt3": name, "layers": layers, "d": d, "cap_gb": cap_gb}
-    jax.numpy.zeros(1).block_until_ready()  # start the runtime before the baseline
-    base_data = _status_kb("VmData") * 1024
-    out["baseline_mb"] = _status_kb("VmRSS") / 1024
     cap = int(cap_gb * (1 << 30))
-    if hasattr(resource, "RLIMIT_DATA"):
-        resource.setrlimit(resource.RLIMIT_DATA, (base_data + cap, resource.RLIM_INFINITY))
-    est, programs = _plan(model, layers, d, cap, pre_n, batch, {})
+    est, programs = plan_programs(model, layers, d, cap, pre_n, batch, {}, phases=(phase,))
     out["plan"] = est
-    if est["forward_batch"] == 0 or est["preprocess_chunk"] == 0:
-        need = max(est.get("forward_planned_mb", 0), est.get("preprocess_planned_mb", 0))
-        reason = f"the compiled programs need {need / 1024:.1f} GB (cap {cap_gb:g} GB)"
+    # The baseline starts after compiling: what the compiler leaves mapped in the
+    # allocator's arenas is not the measured program's memory.
+    _reset_peak()
+    base_data = _status_kb("VmData") * 1024
+    out[f"{phase}_baseline_mb"] = _status_kb("VmRSS") / 1024
+    if hasattr(resource, "RLIMIT_DATA"):  # a safety net for the machine, not the cap
+        limit = base_data + int(SAFETY_FACTOR * cap)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.RLIM_INFINITY))
+    size_key = "forward_batch" if phase == "forward" else "preprocess_chunk"
+    if est[size_key] == 0:
+        need = est[f"{phase}_planned_mb"]
+        reason = f"the compiled {phase} needs {need / 1024:.1f} GB (cap {cap_gb:g} GB)"
         return {**out, "status": "oom", "oom_kind": "planned", "reason": reason}
     ku, kv = jax.random.split(jax.random.key(0))
     u = 0.01 * jax.random.normal(ku, (pre_n, layers, d, RANK), jnp.float32)
@@ -254,33 +161,93 @@ def measure(model: str, name: str, cap_gb: float, pre_n: int, fwd_n: int, batch:
     rank = jnp.full((pre_n, layers), RANK, jnp.int32)
     jax.block_until_ready((u, v))
 
+    def run(fn, c):
+        # Freed at once: a dropped result can stay alive until Python's cycle collector
+        # runs, and two chunks of products then exceed what the plan allowed.
+        for x in jax.tree_util.tree_leaves(jax.block_until_ready(fn(c))):
+            x.delete()
+
     def timed(fn, calls):
-        jax.block_until_ready(fn(0))  # warm up (the programs are compiled already)
+        run(fn, 0)  # warm up (the programs are compiled already)
         start = time.perf_counter()
         for c in range(calls):
-            jax.block_until_ready(fn(c))
+            run(fn, c)
         return time.perf_counter() - start
 
-    _reset_peak()
-    if programs["preprocess"] is None:
-        out["preprocess_s"], out["preprocess_peak_mb"] = 0.0, 0.0
-    else:
+    if phase == "preprocess":
+        if programs["preprocess"] is None:  # the model has no such step
+            return {**out, "status": "ok", "preprocess_s": 0.0, "preprocess_peak_mb": 0.0}
         chunk, step = est["preprocess_chunk"], programs["preprocess"]
-        pre_calls = pre_n // chunk
-        out["preprocess_s"] = timed(lambda c: step(u, v, jnp.int32(c % pre_calls)), pre_calls)
+        _reset_peak()
+        calls = pre_n // chunk
+        out["preprocess_s"] = timed(lambda c: step(u, v, jnp.int32(c % calls)), calls)
         out["preprocess_chunk"] = chunk
-        out["preprocess_peak_mb"] = _peak_mb() - out["baseline_mb"]
-    _reset_peak()
-    _, _, shapes, *_ = _abstract(model, layers, d, 1)
+        out["preprocess_peak_mb"] = _peak_mb() - out["preprocess_baseline_mb"]
+        return _judge(out, "preprocess", cap_gb)
+    _, _, shapes, *_ = abstract_inputs(model, layers, d, 1)
     variables = _variables(shapes, (u, v))
     fb, apply = est["forward_batch"], programs["forward"]
     calls, per_input = fwd_n // fb, pre_n // fb
+    _reset_peak()
     out["forward_s"] = timed(
         lambda c: apply(variables, u, v, rank, jnp.int32(c % per_input)), calls
     )
     out["forward_batch"] = fb
-    out["forward_peak_mb"] = _peak_mb() - out["baseline_mb"]
-    return {**out, "status": "ok"}
+    out["forward_peak_mb"] = _peak_mb() - out["forward_baseline_mb"]
+    return _judge(out, "forward", cap_gb)
+
+
+def _judge(out: dict, phase: str, cap_gb: float) -> dict:
+    """``"ok"``, or out of memory (``oom_kind`` ``"measured"``) where the phase's resident
+    peak went over the cap: the memory a machine of that size would have needed."""
+    peak = out[f"{phase}_peak_mb"]
+    if peak <= cap_gb * 1024:
+        return {**out, "status": "ok"}
+    reason = f"the {phase} peaked at {peak / 1024:.2f} GB resident (cap {cap_gb:g} GB)"
+    return {**out, "status": "oom", "oom_kind": "measured", "reason": reason}
+
+
+def merge(records: dict[str, dict]) -> dict:
+    """One record from the phases' (``{phase: record}``): the phases' fields and plans
+    together, ``status`` ``"ok"`` when every phase is, else the first failure's (in
+    ``PHASES`` order) status and fields, with ``failed_phase``."""
+    out, plans, failed = {}, {}, None
+    for phase in PHASES:
+        record = dict(records[phase])
+        plans.update(record.pop("plan", {}))
+        if record["status"] != "ok" and failed is None:
+            failed = {**record, "failed_phase": phase}
+        out.update({k: v for k, v in record.items() if k != "status"})
+    out.update(failed or {"status": "ok"})
+    return {**out, "plan": plans}
+
+
+def measure_both(model: str, name: str, settings: dict, core=None, timeout_s=1800.0) -> dict:
+    """Both phases of one (model, size), each in a fresh process; :func:`merge`d. The
+    forward goes first: where it fails, the preprocessing is not measured (the row fails
+    as a whole, and the products of the largest sizes take minutes to write)."""
+    import subprocess
+
+    records = {}
+    for phase in ("forward", "preprocess"):
+        if phase == "preprocess" and records["forward"]["status"] != "ok":
+            records[phase] = {"status": "ok"}  # not measured
+            continue
+        args = [sys.executable, "-m", "experiments.repro.timing", f"--model={model}"]
+        args += [f"--gpt3={name}", f"--phase={phase}"]
+        args += [f"--{k}={v}" for k, v in settings.items() if k != "version"]
+        if core is not None:  # the child pins itself: a preexec_fn would fork a JAX process
+            args.append(f"--core={core}")
+        try:
+            proc = subprocess.run(
+                args, check=False, capture_output=True, text=True, timeout=timeout_s
+            )
+            records[phase] = from_process(proc.returncode, proc.stdout, proc.stderr)
+        except subprocess.TimeoutExpired:
+            text = f"{phase} over {timeout_s:.0f} s"
+            records[phase] = {"status": "timeout", "error_type": "timeout", "error": text}
+            records[phase]["reason"] = text
+    return merge(records)
 
 
 def run_all(size, out: str, cores: list[int], log, models, timeout_s: float = 1800) -> list[dict]:
@@ -289,7 +256,6 @@ def run_all(size, out: str, cores: list[int], log, models, timeout_s: float = 18
     with the same settings are reused."""
     import concurrent.futures as cf
     import queue
-    import subprocess
 
     folder = os.path.join(out, "figure5")
     os.makedirs(folder, exist_ok=True)
@@ -312,25 +278,17 @@ def run_all(size, out: str, cores: list[int], log, models, timeout_s: float = 18
             if cached.get("settings") == settings:
                 log.record("figure5", f"figure5/{name}_{model}", "", 0.0, "reused")
                 return cached
-        args = [sys.executable, "-m", "experiments.repro.timing", f"--model={model}"]
-        args += [f"--gpt3={name}"] + [f"--{k}={v}" for k, v in settings.items()]
         core = free.get()
-        if core is not None:  # the child pins itself: a preexec_fn would fork this JAX process
-            args.append(f"--core={core}")
         start = time.perf_counter()
         try:
-            proc = subprocess.run(
-                args, check=False, capture_output=True, text=True, timeout=timeout_s
-            )
-            result = from_process(proc.returncode, proc.stdout, proc.stderr)
-        except subprocess.TimeoutExpired:
-            text = f"over {timeout_s:.0f} s"
-            result = {"status": "timeout", "error_type": "timeout", "error": text, "reason": text}
+            result = measure_both(model, name, settings, core, timeout_s)
         finally:
             free.put(core)
         result.update(model=model, gpt3=name, settings=settings)
         result["wall_s"] = time.perf_counter() - start
-        shown_cmd = "python " + " ".join(args[1:])
+        shown_cmd = f"python -m experiments.repro.timing --model={model} --gpt3={name} " + " ".join(
+            f"--{k}={v}" for k, v in settings.items() if k != "version"
+        )
         log.record("figure5", f"figure5/{name}_{model}", shown_cmd, result["wall_s"], "measured")
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
@@ -393,20 +351,29 @@ def from_process(returncode: int, stdout: str, stderr: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    """``--model --gpt3 [--phase] [--cap_gb --preprocess --forward --batch --core]``:
+    one phase in this process, or (no ``--phase``) both, each in a child process."""
     args = dict(a.lstrip("-").split("=", 1) for a in argv[1:])
     if "core" in args and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {int(args["core"])})  # before JAX starts its threads
-    try:
-        result = measure(
-            args["model"],
-            args["gpt3"],
-            float(args.get("cap_gb", 6)),
-            int(args.get("preprocess", 64)),
-            int(args.get("forward", 512)),
-            int(args.get("batch", 64)),
-        )
-    except Exception as e:  # noqa: BLE001  # any failure is recorded, never raised
-        result = failure(e)
+    numbers = {"cap_gb": 6.0, "preprocess": 64, "forward": 512, "batch": 64}
+    settings = {k: type(v)(args.get(k, v)) for k, v in numbers.items()}
+    if "phase" not in args:
+        core = int(args["core"]) if "core" in args else None
+        result = measure_both(args["model"], args["gpt3"], settings, core)
+    else:
+        try:
+            result = measure(
+                args["model"],
+                args["gpt3"],
+                settings["cap_gb"],
+                settings["preprocess"],
+                settings["forward"],
+                settings["batch"],
+                args["phase"],
+            )
+        except Exception as e:  # noqa: BLE001  # any failure is recorded, never raised
+            result = failure(e)
     print("RESULT " + json.dumps(result), flush=True)
 
 
