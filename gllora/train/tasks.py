@@ -4,7 +4,10 @@
   "normalized CLIP score"); metrics ``mse`` (standardised units), ``mse_target_units``
   (the same errors in the targets' units: ``mse * std**2`` for one column), R^2,
   Kendall's tau.
-- binary / multilabel: sigmoid cross-entropy; mean per-label accuracy and each label's.
+- binary / multilabel: sigmoid cross-entropy; mean per-label accuracy and each label's;
+  a binary target also gets ``auroc`` (area under the ROC curve, ties counted half) and
+  ``tpr_at_1pct_fpr`` (:func:`tpr_at_fpr`: what a detector flags when it may raise a
+  false alarm on at most 1% of the negatives), NaN where the split lacks a class.
 - categorical: softmax cross-entropy; accuracy.
 
 A target is named in ``config.targets`` either by a target of the dataset's schema
@@ -211,6 +214,9 @@ def metrics(targets: Sequence[Target], outputs: np.ndarray, y: np.ndarray) -> di
             correct = (out > 0) == (y_t > 0.5)
             m["loss"] = float(bce.mean())
             m["accuracy"] = float(correct.mean())
+            if t.task == "binary":
+                m["auroc"] = auroc(out[:, 0], y_t[:, 0] > 0.5)
+                m["tpr_at_1pct_fpr"] = tpr_at_fpr(out[:, 0], y_t[:, 0] > 0.5, 0.01)
             if t.task == "multilabel":
                 m["per_label_accuracy"] = {c: float(a) for c, a in zip(t.columns, correct.mean(0))}
         else:
@@ -222,6 +228,39 @@ def metrics(targets: Sequence[Target], outputs: np.ndarray, y: np.ndarray) -> di
         result[t.name] = m
     result["loss"] = total
     return result
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores [N]`` for the labels ``positive [N]`` (bool):
+    the probability that a random positive scores above a random negative, a tie
+    counting one half (the Mann-Whitney statistic, from average ranks). NaN without
+    both classes."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = stats.rankdata(scores)  # average ranks: ties share their mean rank
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def tpr_at_fpr(scores: np.ndarray, positive: np.ndarray, fpr: float) -> float:
+    """The highest true-positive rate of a threshold rule ``score > t`` whose
+    false-positive rate on these negatives is at most ``fpr``.
+
+    At most ``floor(fpr * num_negatives)`` negatives may score above ``t``, so ``t`` is
+    the next-highest negative score and positives must score strictly above it (a
+    positive tied with that negative is not counted: flagging it would flag the
+    negative too). With under ``1 / fpr`` negatives no false alarm is allowed at all.
+    NaN without both classes.
+    """
+    if not 0.0 <= fpr < 1.0:
+        raise ValueError(f"tpr_at_fpr: fpr must lie in [0, 1), got {fpr}")
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    neg = np.sort(scores[~positive])[::-1]
+    if positive.sum() == 0 or len(neg) == 0:
+        return float("nan")
+    allowed = int(np.floor(fpr * len(neg) + 1e-9))  # 1e-9: 0.01 * 300 is 3, not 2.99..
+    return float(np.mean(scores[positive] > neg[allowed]))
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
