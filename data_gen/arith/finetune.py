@@ -277,3 +277,16 @@ def device_data(questions: Mapping[str, np.ndarray], eval_batch: int) -> dict[st
 def evaluate_one(config: BaseConfig, params, data, u, v, eval_batch: int = EVAL_BATCH):
     """:func:`_evaluate_one` for one LoRA (the base model: ``u = 0``)."""
     return _evaluate_one(config, params, data, u, v, eval_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def finetune_chunk_own_data(config: BaseConfig, params, data, hp):
+    """:func:`finetune_chunk` with a training pool per LoRA: ``data`` entries carry the
+    chunk axis too (``train_tokens [C, P, T]``, ``train_read_pos [C, P]``,
+    ``train_target [C, P]``), so LoRAs finetuned on different data (clean and poisoned
+    pools, :mod:`data_gen.arith.backdoors`) share one compiled program.
+
+    Returns:
+      ``(u [C, L, n, r], v [C, L, m, r], train_loss [C])``.
+    """
+    return jax.vmap(_finetune_one, in_axes=(None, None, 0, 0))(config, params, data, hp)
