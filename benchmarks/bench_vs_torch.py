@@ -1,13 +1,21 @@
-"""GL-net and the SVD featurizer in gllora against PyTorch implementations, side by side.
+"""GL-net and the singular-value featurizer in gllora against the authors' PyTorch code.
 
-The machine is shared, so absolute figures move with its load; running both in one
-process, alternating, gives ratios that hold. The PyTorch side is written here from
-the architecture described in ../shared/REFERENCE_NOTES.md (the authors' code is not
-copied): "per-module loop" processes the 56 modules one by one with their own weights,
-as the authors' code does; "batched" stacks them and uses ``bmm``, the faster way to
-write it in PyTorch. Both at the Qwen2-1.5B k/v LoRA shape, batch 32, width 16, two
-equivariant layers, head 256, dropout 0.1. Each measurement runs in its own process:
-XLA's and PyTorch's thread pools in one process slow each other down.
+The machine is shared, so absolute figures move with its load; the contenders run in
+turn, round after round, and the ratios of their medians are what holds. The PyTorch
+side is written here from the architecture described in ../shared/REFERENCE_NOTES.md
+(the authors' code is not copied). "authors' code" processes the 56 modules one by one
+with their own weights (GL-net), and computes the singular-value features one adapter at
+a time (thin QRs of the 56 stacked ``B`` and ``A^T``, then the singular values of the
+``4 x 4`` cores), as the authors' data loader does per sample; "batched" is the faster
+way to write both in PyTorch (``bmm`` over stacked modules in gllora's rank-major
+layout; one batched QR for the whole batch). All at the Qwen2-1.5B k/v LoRA shape
+(56 modules, ``u [256, 4]``, ``v [1536, 4]``), batch 32, GL-net width 16, two equivariant
+layers, head 256, dropout 0.1, AdamW. Each measurement runs in its own process: XLA's and
+PyTorch's thread pools in one process slow each other down.
+
+The gllora process also measures the machine's limits (a 2048^2 float32 matmul, a
+streaming read) and prints how far each figure is from them: GL-net's forward is
+FLOP-bound (``FLOPS`` per LoRA), the featurizer reads 1.6 MB per LoRA.
 
 Needs PyTorch, which gllora does not depend on: ``pip install torch==2.13.0``.
 
@@ -27,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.bench_models import M, N, NUM_LAYERS, R, qwen_kv_lora
+from benchmarks.bench_models import M, N, NUM_LAYERS, R, machine_limits, qwen_kv_lora
 from gllora import features, in_axes, models, stack
 
 try:
@@ -88,10 +96,15 @@ class TorchGLNet(torch.nn.Module):
 
 
 def torch_svd_features(u, v):
-    """Singular values of u v^T from thin QRs of u and v: [B, K, R]."""
+    """Singular values of u v^T from thin QRs of u and v: [*, K, R]."""
     r1 = torch.linalg.qr(u, mode="r")[1]
     r2 = torch.linalg.qr(v, mode="r")[1]
     return torch.linalg.svdvals(r1 @ r2.transpose(-1, -2))
+
+
+def torch_svd_features_per_sample(u, v):
+    """The authors' way: one adapter at a time (its 56 modules stacked)."""
+    return torch.stack([torch_svd_features(u[i], v[i]) for i in range(u.shape[0])])
 
 
 def rate(fn, seconds: float) -> float:
@@ -129,8 +142,11 @@ def measure(contender: str, seconds: float) -> list[float | None]:
             with torch.no_grad():
                 net(u_t, v_t)
 
-        svd = (lambda: torch_svd_features(*svd_in)) if contender == "torch_batched" else None
-        return [rate(train, seconds), rate(infer, seconds), rate(svd, seconds) if svd else None]
+        featurize = (
+            torch_svd_features if contender == "torch_batched" else torch_svd_features_per_sample
+        )
+        svd = lambda: featurize(*svd_in)
+        return [rate(train, seconds), rate(infer, seconds), rate(svd, seconds)]
 
     model = models.build("glnet", num_outputs=1)
     variables = model.init(jax.random.key(0), loras[0])
@@ -167,14 +183,23 @@ def measure(contender: str, seconds: float) -> list[float | None]:
         rate(train, seconds),
         rate(lambda: jax.block_until_ready(infer(state["p"])), seconds),
         rate(lambda: jax.block_until_ready(svd(leading)), seconds),
+        *machine_limits(min(seconds, 2.0)),
     ]
 
 
 CONTENDERS = {
-    "torch_loop": "torch per-module loop",
-    "torch_batched": "torch batched",
+    "torch_loop": "authors' code (PyTorch)",
+    "torch_batched": "PyTorch, batched",
     "jax": "gllora (JAX)",
 }
+
+#: GL-net forward FLOPs per LoRA: the first equivariant layer (both factors), the second
+#: (16 x 16), the products u_i v_i^T, the head's first layer and its output.
+FLOPS = (
+    2 * K * R * D * (N + M) + 2 * 2 * K * R * D * D + 2 * K * D * D * R + 2 * K * D * D * H + 2 * H
+)
+#: Bytes of factors per LoRA.
+BYTES = K * (N + M) * R * 4
 
 
 def main() -> None:
@@ -187,7 +212,7 @@ def main() -> None:
         print(json.dumps(measure(args.only, args.seconds)))
         return
     results = {name: [] for name in CONTENDERS}
-    for _ in range(args.rounds):  # alternate, so changes in load hit every contender alike
+    for _ in range(args.rounds):  # in turn, so changes in load hit every contender alike
         for name in CONTENDERS:
             out = subprocess.run(
                 [
@@ -203,11 +228,10 @@ def main() -> None:
             )
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {
-        name: [
-            None if rows[0][j] is None else float(np.median([r[j] for r in rows])) for j in range(3)
-        ]
+        name: [float(np.median([r[j] for r in rows])) for j in range(len(rows[0]))]
         for name, rows in results.items()
     }
+    flops, bandwidth = med["jax"][3:5]
     print(
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}; "
         f"Qwen2-1.5B k/v shape: {K} modules u [{N}, {R}], v [{M}, {R}]; batch {B}; "
@@ -215,14 +239,27 @@ def main() -> None:
     )
     print(f"{'':<32} {'train step':>11} {'inference':>11} {'SVD features':>13}")
     for name, row in med.items():
-        cells = [f"{x:,.0f}" if x else "-" for x in row]
+        cells = [f"{x:,.0f}" for x in row[:3]]
         print(f"{CONTENDERS[name]:<32} {cells[0]:>11} {cells[1]:>11} {cells[2]:>13}")
-    ours = med["jax"]
+    ours = med["jax"][:3]
     for ref in ("torch_loop", "torch_batched"):
-        ratios = [f"x{a / b:.2f}" if a and b else "-" for a, b in zip(ours, med[ref])]
+        ratios = [f"x{a / b:.2f}" for a, b in zip(ours, med[ref])]
         print(
             f"{'gllora / ' + CONTENDERS[ref]:<32} {ratios[0]:>11} {ratios[1]:>11} {ratios[2]:>13}"
         )
+    bound_flops, bound_read = flops / FLOPS, bandwidth / BYTES
+    print(
+        f"\nmachine (median over the rounds, in the gllora process): {flops / 1e9:,.0f} GFLOP/s "
+        f"(2048^2 float32 matmul), {bandwidth / 1e9:,.1f} GB/s (streaming read)"
+    )
+    print(
+        f"GL-net forward: {FLOPS / 1e6:.1f} MFLOP per LoRA -> at most {bound_flops:,.0f} "
+        f"LoRAs/s at matmul speed; inference at {ours[1] / bound_flops:.0%} of it"
+    )
+    print(
+        f"features: {BYTES / 1e6:.2f} MB read per LoRA -> at most {bound_read:,.0f} LoRAs/s at "
+        f"read speed; at {ours[2] / bound_read:.0%} of it"
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from experiments.configs import paper as paper_config
-from experiments.repro import findings, paper, plots, registry, tables
+from experiments.repro import findings, orderings, paper, plots, registry, tables
 from gllora.io import dataset as dataset_lib
 
 SUMMARY = (
@@ -151,6 +151,12 @@ def write(state: dict[str, Any]) -> str:
         "```\n" + summary(state) + "\n```\n",
         "## Findings\n",
         _findings(found),
+        "## The paper's orderings here\n",
+        (orderings.paragraph(runs, list(runs)) or "No table of the paper's was run.")
+        + "\n\nEach pair of the paper's models that its table orders, compared on our "
+        "per-seed test metric by the one-sided Welch test at 5% (rule 0 below): held, "
+        "inside the seed noise, or reversed. Why each table differs, with the measurements "
+        "behind it: BUILD_NOTES.md, \"Where the reproduction differs from the paper\".\n",
         "## Tables\n",
         tables.table2(runs, models),
         tables.table3(runs, models),
