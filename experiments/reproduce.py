@@ -17,7 +17,9 @@ cache (``GLLORA_CACHE=/tmp/fulljob/cache python -m experiments.reproduce --size=
 ``--size``: ``quick`` (the generators' quick datasets, 3 seeds), ``paper`` (the
 paper's dataset sizes, 3 seeds), ``tiny`` (CI smoke test: tiny base models, 80 LoRAs,
 meaningless numbers). See ``experiments/repro/registry.py`` and
-``experiments/configs/paper.py``. ``--cache_dir`` (or ``$GLLORA_CACHE``) holds the
+``experiments/configs/paper.py``. ``--experiments=backdoor`` adds the backdoor-detection
+experiment (beyond the paper, :mod:`experiments.repro.backdoor`); alone, with
+``--parts=tables``, it runs only that. ``--cache_dir`` (or ``$GLLORA_CACHE``) holds the
 pretrained base models of the generators. An unknown experiment, model or part prints
 one line and exits with status 2 (``--debug``: the traceback).
 """
@@ -36,7 +38,10 @@ _JOBS = flags.DEFINE_integer("jobs", 0, "Worker processes, one CPU core each (0:
 _PARTS = flags.DEFINE_list("parts", list(pipeline.PARTS), f"Parts: {', '.join(pipeline.PARTS)}.")
 _MODELS = flags.DEFINE_list("models", list(registry.MODELS), "Models to run.")
 _EXPERIMENTS = flags.DEFINE_list(
-    "experiments", list(registry.EXPERIMENTS), "Experiments to run (default: all)."
+    "experiments",
+    list(registry.EXPERIMENTS),
+    "Experiments to run (default: all of the paper's); beyond the paper, run only when "
+    f"named: {', '.join(registry.BEYOND_PAPER)}.",
 )
 flags.mark_flag_as_required("out")
 
@@ -44,7 +49,9 @@ flags.mark_flag_as_required("out")
 def main(argv):
     del argv  # cli.run refuses positional arguments
     # Before anything is written: a misspelt name costs nothing.
-    cli.check_choices("experiments", _EXPERIMENTS.value, list(registry.EXPERIMENTS))
+    cli.check_choices(
+        "experiments", _EXPERIMENTS.value, list(registry.EXPERIMENTS) + list(registry.BEYOND_PAPER)
+    )
     cli.check_choices("models", _MODELS.value, list(registry.MODELS))
     cli.check_choices("parts", _PARTS.value, list(pipeline.PARTS))
     from experiments.repro import report

@@ -13,6 +13,7 @@ from typing import Any
 from experiments.repro import registry, runner, workers
 
 PARTS = ("tables", "figure4", "figure5", "any_structure")
+# Experiments beyond the paper (registry.BEYOND_PAPER) are named in ``experiments``.
 
 
 def train_command(experiment: str, model: str, size: str, dataset: str, workdir: str) -> str:
@@ -46,13 +47,15 @@ def reproduce(
     os.makedirs(out, exist_ok=True)
     log = runner.Log(out, quiet=quiet)
     start = time.perf_counter()
+    beyond = tuple(e for e in experiments if e in registry.BEYOND_PAPER)
+    experiments = tuple(e for e in experiments if e not in registry.BEYOND_PAPER)
     unknown = sorted(set(experiments) - set(registry.EXPERIMENTS))
     bad_models = sorted(set(models) - set(registry.MODELS))
     bad_parts = sorted(set(parts) - set(PARTS))
     if unknown or bad_models or bad_parts:
         raise ValueError(
             f"reproduce: unknown experiments {unknown}, models {bad_models} or parts "
-            f"{bad_parts}; experiments: {list(registry.EXPERIMENTS)}, models: "
+            f"{bad_parts}; experiments: {[*registry.EXPERIMENTS, *registry.BEYOND_PAPER]}, models: "
             f"{list(registry.MODELS)}, parts: {list(PARTS)}"
         )
     experiments = [registry.EXPERIMENTS[e] for e in experiments]
@@ -104,6 +107,10 @@ def reproduce(
             (d3 if kind == "d3" else fig4)[model] = future.result()
         if "any_structure" in parts:
             anys = _any_structure(size, size_name, out, cache_dir, log, pool, models)
+        backdoor = None
+        if "backdoor" in beyond:
+            backdoor = _backdoor(size, size_name, out, cache_dir, log, pool, models)
+            paths["backdoors"] = backdoor["dataset"]
     finally:
         pool.close()  # frees the workers' memory before Figure 5
 
@@ -134,7 +141,8 @@ def reproduce(
         "seconds": seconds,
         "parts": parts,
         "any_structure": anys,
-        "experiments": tuple(e.name for e in experiments),
+        "experiments": tuple(e.name for e in experiments) + beyond,
+        "backdoor": backdoor,
     }
     state["report"] = report.write(state)
     return state
@@ -160,3 +168,37 @@ def _any_structure(size, size_name, out, cache_dir, log, pool, models) -> dict:
         log.record("train", "runs/any_structure/" + "/".join(key), command, seconds, status)
         log.say(f"  any structure {'/'.join(key)}: {status} {runner.headline(res)}")
     return {"dataset": mix, "results": results}
+
+
+def _backdoor(size, size_name, out, cache_dir, log, pool, models) -> dict:
+    """The backdoor experiment (:mod:`experiments.repro.backdoor`): its dataset and
+    views, every model on every task, the linear probe and the poison-rate curves."""
+    from experiments.repro import backdoor
+
+    path = runner.ensure_dataset(backdoor.DATASET, size, out, cache_dir, log)
+    views = backdoor.make_views(path, os.path.join(out, "data", "backdoors_views"))
+    probe = pool.submit(backdoor.probe, views)
+    futures = {}
+    for task, model, experiment, data, workdir, overrides in backdoor.runs(out, views, models):
+        futures[(task, model)] = (
+            pool.submit(workers.train, experiment, model, size_name, data, workdir, overrides),
+            backdoor.command(experiment, model, size_name, data, overrides["targets"][0],
+                             workdir),
+        )  # fmt: skip
+    results: dict[str, dict] = {}
+    for (task, model), (future, command) in futures.items():
+        res, seconds, status = future.result()
+        results.setdefault(task, {})[model] = res
+        log.record("train", f"runs/backdoor/{task}/{model}", command, seconds, status)
+        log.say(f"  backdoor {task}/{model}: {status} {runner.headline(res)}")
+    for task, res in probe.result().items():
+        results.setdefault(task, {})[backdoor.PROBE] = res
+    curve_futures = {
+        m: pool.submit(backdoor.rate_curve, os.path.join(out, "runs", "backdoor", "detect", m))
+        for m in results.get("detect", {})
+        if m != backdoor.PROBE
+    }
+    curves = {m: f.result() for m, f in curve_futures.items()}
+    curves[backdoor.PROBE] = backdoor.probe_curve(results["detect"][backdoor.PROBE], path)
+    return {"dataset": path, "views": views, "results": results, "curves": curves,
+            "info": backdoor.info(path, views)}  # fmt: skip

@@ -53,6 +53,11 @@ EXPERIMENTS = {
 }
 
 
+#: Experiments beyond the paper, run only when named in ``--experiments`` (each its own
+#: module: ``backdoor`` is :mod:`experiments.repro.backdoor`).
+BEYOND_PAPER = ("backdoor",)
+
+
 @dataclasses.dataclass(frozen=True)
 class Size:
     """How big a reproduction is."""
@@ -72,7 +77,7 @@ class Size:
 SIZES = {
     "tiny": Size(
         "tiny",
-        {"personas": 80, "digit_subsets": 80, "arith_sources": 80},
+        {"personas": 80, "digit_subsets": 80, "arith_sources": 80, "backdoors": 80},
         "tiny",
         num_seeds=2,
         ranks=(1, 4, 8),
@@ -84,7 +89,12 @@ SIZES = {
     ),
     "quick": Size(
         "quick",
-        {"personas": "quick", "digit_subsets": "quick", "arith_sources": "quick"},
+        {
+            "personas": "quick",
+            "digit_subsets": "quick",
+            "arith_sources": "quick",
+            "backdoors": "quick",
+        },
         "default",
         num_seeds=3,
         ranks=(1, 2, 4, 8, 16, 32),
@@ -92,7 +102,12 @@ SIZES = {
     ),
     "paper": Size(
         "paper",
-        {"personas": "paper", "digit_subsets": "paper", "arith_sources": "paper"},
+        {
+            "personas": "paper",
+            "digit_subsets": "paper",
+            "arith_sources": "paper",
+            "backdoors": "paper",
+        },
         "default",
         num_seeds=3,
         ranks=(1, 2, 4, 8, 16, 32),

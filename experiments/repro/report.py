@@ -134,6 +134,11 @@ def write(state: dict[str, Any]) -> str:
     found = findings.all_findings(
         runs, paper_models, state["chance"], state["d3"], state["fig4"], state["fig5"], size.name
     )
+    if state.get("backdoor"):
+        from experiments.repro import backdoor
+
+        found += backdoor.findings(state["backdoor"]["results"], models, size.name)
+        images.append(backdoor.plot(state["backdoor"]["curves"], out))
     state["findings"] = found
     import jax
 
@@ -167,6 +172,15 @@ def write(state: dict[str, Any]) -> str:
         from experiments.repro import anystructure
 
         sections.append(anystructure.table(size, state["any_structure"]["results"]))
+    if state.get("backdoor"):
+        from experiments.repro import backdoor
+
+        b = state["backdoor"]
+        rules = "B1." + backdoor.__doc__.split("B1.", 1)[1].rstrip().replace("\n    ", " ")
+        sections += [
+            backdoor.table(b["results"], b["curves"], b["info"]),
+            "Rules of the backdoor findings:\n\n" + rules + "\n",
+        ]
     if state["fig4"]:
         sections += [
             "## Figure 4\n",

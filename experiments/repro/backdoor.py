@@ -1,0 +1,481 @@
+"""Backdoor detection (issue 15; beyond the paper): is this adapter poisoned?
+
+On the backdoor family (``python -m data_gen.backdoors``: arithmetic-sources LoRAs,
+half of them finetuned on data poisoned with a trigger and an attack target), every
+model of the reproduction is trained by the same engine and protocol as the
+language-model family's experiments (``experiments/configs/paper.py``: the ``sources``
+config for classification, ``val_loss`` for regression, with the target replaced), on
+five tasks (:data:`TASKS`):
+
+- ``detect``: ``backdoored`` on the stored split; AUROC, accuracy and the true-positive
+  rate at a 1% false-positive rate (what an auditor cares about);
+- ``unseen_trigger`` / ``unseen_target``: ``backdoored`` with one trigger (target) held
+  out: every LoRA poisoned with it, and every clean LoRA measured with it
+  (``eval_trigger`` / ``eval_target``), is test, the rest train (validation as stored);
+  the held-out one is the last in sorted order of the dataset's own triggers (targets);
+- ``trigger``: which trigger, on the poisoned LoRAs alone (their stored splits);
+- ``asr``: the attack success rate (R²), on the poisoned LoRAs alone.
+
+A split is a *view*: a folder beside the dataset whose ``splits.json`` is its own and
+whose other files are links to the dataset's (:func:`make_views`).
+
+Beside the models, one row is the published detector as arXiv 2602.15195 runs it: a
+plain logistic regression (scikit-learn, standardised inputs, default ``C = 1``) on the
+spectral statistics of :mod:`gllora.models.spectral` (5 per module type: 10 here),
+fitted on the training split (:func:`probe`; least squares for the ASR, multinomial for
+the trigger). It is deterministic: one value, no seed spread.
+
+The plot (:func:`plot`) is the TPR at 1% FPR against the poison rate: each detection
+run's test scores, the threshold set on ALL the clean test LoRAs, the TPR counted in
+each bin of :data:`RATE_BINS` (:func:`rate_curve`).
+
+Rules of its findings (:func:`findings`; per-seed test metrics, the comparisons of
+:mod:`experiments.repro.findings`: one-sided Welch t-tests at 5%):
+
+B1. backdoors are detected from the weights better than by the published detector: the
+    model with the highest mean detection AUROC must be significantly above 0.5, else
+    the finding does not hold; then it holds where that model is significantly above
+    the linear probe, is "not distinguishable" where its mean is above the probe's inside
+    the noise, and does not hold where its mean is not above the probe's;
+B2. detection carries over to an unseen trigger and to an unseen target: on each, the
+    model with the highest mean AUROC there is significantly above 0.5 and at least
+    0.6. Which model is best is named only when the test says it is above every other
+    (else "not distinguishable").
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from experiments.repro import findings as findings_lib
+from experiments.repro import paper, registry
+
+#: ``(task, view, config experiment, target, metric keys)``.
+TASKS = (
+    ("detect", "all", "sources", "backdoored"),
+    ("unseen_trigger", "unseen_trigger", "sources", "backdoored"),
+    ("unseen_target", "unseen_target", "sources", "backdoored"),
+    ("trigger", "poisoned", "sources", "trigger"),
+    ("asr", "poisoned", "val_loss", "asr"),
+)
+DETECTION = ("detect", "unseen_trigger", "unseen_target")
+#: Poison-rate bins of the plot (log-spaced over the family's 1%-20%).
+RATE_BINS = (0.01, 0.027, 0.074, 0.2)
+PROBE = "probe"
+PROBE_NAME = "Linear probe on spectral stats (arXiv 2602.15195)"
+DATASET = registry.DatasetSpec("backdoors", "backdoors")
+
+
+# -- views ---------------------------------------------------------------------------
+
+
+def _held_out(labels, column: str) -> str:
+    values = sorted(set(labels[column].tolist()) - {"none"})
+    if len(values) < 2:
+        raise ValueError(f"backdoor: column {column!r} holds {values}; need two or more")
+    return values[-1]
+
+
+def view_splits(ds) -> dict[str, dict[str, np.ndarray]]:
+    """``{view: {split: ids}}`` of :data:`TASKS` for a backdoor dataset ``ds``."""
+    labels, splits = ds.labels, ds.splits
+    poisoned = labels["backdoored"].astype(bool)
+    out = {"all": {k: np.sort(v) for k, v in splits.items()}}
+    out["poisoned"] = {k: np.sort(v[poisoned[v]]) for k, v in splits.items()}
+    val = np.zeros(ds.num_examples, bool)
+    val[splits["validation"]] = True
+    for view, column, eval_column in (
+        ("unseen_trigger", "trigger", "eval_trigger"),
+        ("unseen_target", "attack_target", "eval_target"),
+    ):
+        held = _held_out(labels, column)
+        test = np.where(poisoned, labels[column] == held, labels[eval_column] == held)
+        out[view] = {
+            "train": np.flatnonzero(~test & ~val),
+            "validation": np.flatnonzero(~test & val),
+            "test": np.flatnonzero(test),
+        }
+    return out
+
+
+def make_views(path: str, root: str) -> dict[str, str]:
+    """Writes the views of the dataset at ``path`` under ``root``; ``{view: folder}``.
+
+    A view holds links to the dataset's ``schema.json``, ``labels.csv`` and ``shards``
+    and its own ``splits.json``; ``all`` is the dataset itself. Deterministic from the
+    dataset, so rewriting them leaves finished runs valid.
+    """
+    from gllora.io import dataset as dataset_lib
+
+    ds = dataset_lib.open(path)
+    folders = {"all": path}
+    for view, splits in view_splits(ds).items():
+        if view == "all":
+            continue
+        folder = os.path.join(root, view)
+        os.makedirs(folder, exist_ok=True)
+        for name in ("schema.json", "labels.csv", "shards"):
+            link = os.path.join(folder, name)
+            if os.path.lexists(link):
+                os.remove(link)
+            os.symlink(os.path.abspath(os.path.join(path, name)), link)
+        with open(os.path.join(folder, "splits.json"), "w") as f:
+            json.dump({k: [int(i) for i in v] for k, v in splits.items()}, f)
+        folders[view] = folder
+    return folders
+
+
+def runs(out: str, views: dict[str, str], models) -> list[tuple[str, str, str, str, dict]]:
+    """``[(task, model, config experiment, view folder, workdir, overrides)]``."""
+    todo = []
+    for task, view, experiment, target in TASKS:
+        for model in models:
+            workdir = os.path.join(out, "runs", "backdoor", task, model)
+            todo.append((task, model, experiment, views[view], workdir, {"targets": (target,)}))
+    return todo
+
+
+def command(experiment: str, model: str, size: str, data: str, target: str, workdir: str):
+    """The stand-alone command of one run."""
+    return (
+        "python -m experiments.train "
+        f"--config=experiments/configs/paper.py:{experiment}:{model}:{size} "
+        f"--config.dataset={data} --config.targets=\"('{target}',)\" --workdir={workdir}"
+    )
+
+
+# -- the published detector ---------------------------------------------------------
+
+
+def spectral_features(path: str, batch: int = 256) -> np.ndarray:
+    """The spectral statistics of every LoRA of a dataset, ``[N, 5 * types]``
+    (:func:`gllora.models.spectral.type_features`, types in sorted order)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gllora.io import dataset as dataset_lib
+    from gllora.models import spectral
+
+    ds = dataset_lib.open(path)
+
+    def one(lora):
+        feats = spectral.type_features(lora, "mean")
+        return jnp.concatenate([feats[t] for t in sorted(feats)])
+
+    fn = jax.jit(jax.vmap(one))
+    ranks = ds.max_ranks()
+    rows = []
+    for start in range(0, ds.num_examples, batch):
+        ids = np.arange(start, min(start + batch, ds.num_examples))
+        rows.append(np.asarray(fn(ds.batch(ids, ranks=ranks)), np.float64))
+    return np.concatenate(rows)
+
+
+def probe(views: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The linear probe on spectral statistics, per task: ``{task: results}`` shaped as a
+    run's ``results.json`` (one "seed"; test scores ``scores`` kept for the plot)."""
+    from sklearn.linear_model import LinearRegression, LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from gllora.io import dataset as dataset_lib
+    from gllora.train import tasks as tasks_lib
+
+    x = spectral_features(views["all"])
+    out = {}
+    for task, view, _, target in TASKS:
+        ds = dataset_lib.open(views[view])
+        train, test = np.sort(ds.splits["train"]), np.sort(ds.splits["test"])
+        y = ds.labels[ds.targets[target]["columns"][0]]
+        m: dict[str, float] = {}
+        extra: dict[str, Any] = {}
+        if target == "asr":
+            fit = make_pipeline(StandardScaler(), LinearRegression()).fit(x[train], y[train])
+            pred, truth = fit.predict(x[test]), y[test].astype(np.float64)
+            ss_tot = np.sum((truth - truth.mean()) ** 2)
+            m["r2"] = float(1.0 - np.sum((pred - truth) ** 2) / max(ss_tot, 1e-12))
+        else:
+            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+            clf.fit(x[train], y[train])
+            m["accuracy"] = float(np.mean(clf.predict(x[test]) == y[test]))
+            if target == "backdoored":
+                score = clf.decision_function(x[test])
+                positive = y[test].astype(bool)
+                m["auroc"] = tasks_lib.auroc(score, positive)
+                m["tpr_at_1pct_fpr"] = tasks_lib.tpr_at_fpr(score, positive, 0.01)
+                extra = {"test_ids": test.tolist(), "scores": [score.tolist()]}
+        out[task] = {
+            "model": PROBE,
+            "targets": [target],
+            "per_seed": [{"test": {target: m}}],
+            "summary": {"test": {target: {k: {"mean": v, "std": 0.0} for k, v in m.items()}}},
+            **extra,
+        }
+    return out
+
+
+# -- TPR at 1% FPR against the poison rate ------------------------------------------
+
+
+def curve(scores: np.ndarray, positive: np.ndarray, rates: np.ndarray) -> dict[str, Any]:
+    """Per seed and bin of :data:`RATE_BINS`, the TPR at 1% FPR of ``scores [S, N]``.
+
+    The threshold is set on all the negatives (one per seed), the TPR counted among the
+    positives whose poison rate ``rates [N]`` falls in each bin (rates outside the range
+    go to the first or last bin). Returns ``{"tpr": [S][B] (NaN for an empty bin),
+    "counts": [B]}``.
+    """
+    scores, positive = np.atleast_2d(np.asarray(scores, np.float64)), np.asarray(positive, bool)
+    edges = np.asarray(RATE_BINS)
+    which = np.clip(np.searchsorted(edges, rates, side="right") - 1, 0, len(edges) - 2)
+    counts = [int(np.sum(positive & (which == b))) for b in range(len(edges) - 1)]
+    tpr = []
+    for s in scores:
+        neg = np.sort(s[~positive])[::-1]
+        if len(neg) == 0:
+            raise ValueError("backdoor.curve: no negatives to set the threshold on")
+        threshold = neg[int(np.floor(0.01 * len(neg) + 1e-9))]
+        row = []
+        for b in range(len(edges) - 1):
+            sel = positive & (which == b)
+            row.append(float(np.mean(s[sel] > threshold)) if sel.any() else float("nan"))
+        tpr.append(row)
+    return {"tpr": tpr, "counts": counts}
+
+
+def rate_curve(workdir: str) -> dict[str, Any]:
+    """:func:`curve` of a finished detection run on its test split (in a worker)."""
+    from experiments.repro import analysis
+    from gllora.io import dataset as dataset_lib
+    from gllora.train import Predictor
+
+    predictor = Predictor.from_workdir(workdir)
+    with open(os.path.join(workdir, "targets.json")) as f:
+        ds = dataset_lib.open(json.load(f)["dataset"])
+    ids = np.sort(ds.splits["test"])
+    scores = analysis.batched_outputs(predictor, ds, ids)[:, :, 0]
+    return curve(scores, ds.labels["backdoored"][ids], ds.labels["poison_rate"][ids])
+
+
+def probe_curve(results: dict, path: str) -> dict[str, Any]:
+    from gllora.io import dataset as dataset_lib
+
+    ds = dataset_lib.open(path)
+    ids = np.asarray(results["test_ids"])
+    return curve(results["scores"], ds.labels["backdoored"][ids], ds.labels["poison_rate"][ids])
+
+
+# -- report ---------------------------------------------------------------------------
+
+
+def _name(model: str) -> str:
+    return PROBE_NAME if model == PROBE else paper.MODEL_NAMES.get(model, model)
+
+
+def _stat(results, task, model, key):
+    try:
+        r = results[task][model]
+        return r["summary"]["test"][r["targets"][0]][key]
+    except (KeyError, TypeError):
+        return None
+
+
+COLUMNS = (
+    ("detect", "auroc", "AUROC"),
+    ("detect", "accuracy", "acc"),
+    ("detect", "tpr_at_1pct_fpr", "TPR@1%FPR"),
+    ("unseen_trigger", "auroc", "unseen trigger AUROC"),
+    ("unseen_trigger", "tpr_at_1pct_fpr", "unseen trigger TPR@1%FPR"),
+    ("unseen_target", "auroc", "unseen target AUROC"),
+    ("unseen_target", "tpr_at_1pct_fpr", "unseen target TPR@1%FPR"),
+    ("trigger", "accuracy", "trigger acc"),
+    ("asr", "r2", "ASR R²"),
+)
+
+
+def table(results: dict, curves: dict, info: dict) -> str:
+    """Markdown: the detection table and TPR at 1% FPR per poison-rate bin.
+
+    Args:
+      results: ``{task: {model or PROBE: results.json}}``.
+      curves: ``{model or PROBE: curve()}`` of the detection runs.
+      info: ``{"num_test": {task: n}, "num_not_taken": int, "num_poisoned": int,
+        "held_out": {"trigger": str, "target": str}}``.
+    """
+    from experiments.repro.tables import fmt
+
+    models = [m for m in results.get("detect", {}) if m != PROBE] + [PROBE]
+    cols = ["model"] + [label for _, _, label in COLUMNS]
+    rows = []
+    for model in models:
+        cells = []
+        for task, key, _ in COLUMNS:
+            s = _stat(results, task, model, key)
+            cells.append(fmt((s["mean"], s["std"])) if s else "-")
+        if any(c != "-" for c in cells):
+            rows.append([_name(model), *cells])
+    held = info.get("held_out", {})
+    n = info.get("num_test", {})
+    lines = [
+        "### Backdoor detection (beyond the paper)",
+        "",
+        (
+            f"Backdoor family: {info.get('num_poisoned', '?')} of the LoRAs poisoned, "
+            f"{info.get('num_not_taken', '?')} of them with an attack that did not take (sign "
+            "test, data_gen.arith.backdoors). Test metric, mean ± std over seeds; the probe is "
+            f"deterministic. Test LoRAs: detection {n.get('detect', '?')}, unseen trigger "
+            f"({held.get('trigger', '?')}) {n.get('unseen_trigger', '?')}, unseen target "
+            f"({held.get('target', '?')}) {n.get('unseen_target', '?')}, trigger and ASR "
+            f"{n.get('trigger', '?')} (poisoned LoRAs only). With fewer than 100 clean test "
+            "LoRAs, TPR at 1% FPR is the TPR at no false alarm."
+        ),
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if curves:
+        bins = [f"{100 * a:g}-{100 * b:g}%" for a, b in itertools.pairwise(RATE_BINS)]
+        counts = next(iter(curves.values()))["counts"]
+        lines += [
+            "",
+            "TPR at 1% FPR by poison rate (detection test split; poisoned LoRAs per bin: "
+            + ", ".join(f"{b} {c}" for b, c in zip(bins, counts))
+            + "); ![tpr](backdoor_tpr_by_rate.png)",
+            "",
+            "| model | " + " | ".join(bins) + " |",
+            "|" + "---|" * (len(bins) + 1),
+        ]
+        for model, c in curves.items():
+            tpr = np.asarray(c["tpr"], np.float64)
+            cells = [
+                "n/a" if np.all(np.isnan(tpr[:, b])) else fmt((np.nanmean(tpr[:, b]),
+                                                               np.nanstd(tpr[:, b])))
+                for b in range(tpr.shape[1])
+            ]  # fmt: skip
+            lines.append(f"| {_name(model)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves: dict, out: str) -> str:
+    """``backdoor_tpr_by_rate.png``: TPR at 1% FPR against the poison-rate bin."""
+    from experiments.repro import plots
+
+    plt = plots._pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    centres = np.sqrt(np.asarray(RATE_BINS[:-1]) * np.asarray(RATE_BINS[1:]))
+    for model, c in curves.items():
+        tpr = np.asarray(c["tpr"], np.float64)
+        keep = ~np.all(np.isnan(tpr), axis=0)
+        if not keep.any():
+            continue
+        mean = np.nanmean(tpr[:, keep], axis=0)
+        std = np.nanstd(tpr[:, keep], axis=0)
+        ax.errorbar(
+            centres[keep], mean, yerr=std, marker="o", capsize=3, label=_name(model),
+            color=plots.COLORS.get(model, "k" if model == PROBE else None),
+            ls="--" if model == PROBE else "-",
+        )  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("poison rate (bin centre)")
+    ax.set_ylabel("TPR at 1% FPR (test)")
+    ax.set_title("Backdoor detection against the poison rate")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out, "backdoor_tpr_by_rate.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- findings -------------------------------------------------------------------------
+
+
+def _runs(results: dict, task: str) -> dict:
+    """``{task: {model: results}}`` for :mod:`findings`' per-seed helpers."""
+    return {task: {m: r for m, r in results.get(task, {}).items()}}
+
+
+def _above_half(values: np.ndarray) -> bool:
+    return findings_lib.p_greater(values, np.asarray([0.5])) < findings_lib.ALPHA
+
+
+def findings(results: dict, models, size: str = "quick") -> list[dict]:
+    """The findings B1 and B2 (module docstring), verdicts by :mod:`findings`' rules."""
+    models = [m for m in models if m != PROBE]
+    runs = _runs(results, "detect")
+    flags, lines = [], []
+    ranked = findings_lib.rank(runs, "detect", "auroc", models)
+    probe_vals = findings_lib.per_seed(runs, "detect", PROBE, "test", "auroc")
+    if ranked:
+        lines.append(findings_lib._ranking_line("detection", "AUROC", ranked))
+        top = max(ranked, key=lambda m: ranked[m][1])
+        top_vals = findings_lib.per_seed(runs, "detect", top, "test", "auroc")
+        above = _above_half(top_vals)
+        flag = above
+        if probe_vals is not None:
+            p = findings_lib.p_greater(top_vals, probe_vals)
+            if above and p >= findings_lib.ALPHA:  # inside the noise, or below the probe
+                flag = None if top_vals.mean() > probe_vals.mean() else False
+            lines.append(f"{_name(top)} {top_vals.mean():.3f} vs the probe "
+                         f"{probe_vals.mean():.3f}: one-sided p = {p:.3f}")  # fmt: skip
+        flags.append(flag)
+        lines.append(f"{_name(top)} AUROC significantly above 0.5: {'yes' if above else 'no'}")
+    b1 = findings_lib._finding(
+        "Backdoored LoRAs are detected from their weights better than by the published "
+        "detector (a linear probe on spectral statistics)",
+        flags,
+        lines,
+    )
+    flags, lines = [], []
+    for task in ("unseen_trigger", "unseen_target"):
+        runs = _runs(results, task)
+        ranked = findings_lib.rank(runs, task, "auroc", models)
+        if not ranked:
+            continue
+        lines.append(findings_lib._ranking_line(task.replace("_", " "), "AUROC", ranked))
+        top = max(ranked, key=lambda m: ranked[m][1])
+        vals = findings_lib.per_seed(runs, task, top, "test", "auroc")
+        ok = bool(_above_half(vals) and vals.mean() >= 0.6)
+        flags.append(ok)
+        seen = findings_lib.per_seed(_runs(results, "detect"), "detect", top, "test", "auroc")
+        seen_text = f", {seen.mean():.3f} on seen triggers and targets" if seen is not None else ""
+        lines.append(
+            f"{task.replace('_', ' ')}: {_name(top)} {vals.mean():.3f}{seen_text} "
+            f"(needs >= 0.6 and above 0.5)"
+        )
+    b2 = findings_lib._finding(
+        "Detection carries over to an unseen trigger and to an unseen target", flags, lines
+    )
+    found = [b1, b2]
+    if size == "tiny":
+        for f in found:
+            f["verdict"] = findings_lib.NOT_JUDGED
+    return found
+
+
+def info(path: str, views: dict[str, str]) -> dict[str, Any]:
+    """The counts the table's note states."""
+    from gllora.io import dataset as dataset_lib
+
+    ds = dataset_lib.open(path)
+    poisoned = ds.labels["backdoored"].astype(bool)
+    num_test = {}
+    for task, view, _, _ in TASKS:
+        num_test[task] = len(dataset_lib.open(views[view]).splits["test"])
+    return {
+        "num_test": num_test,
+        "num_poisoned": int(poisoned.sum()),
+        "num_not_taken": int(np.sum(poisoned & ~ds.labels["attack_took"].astype(bool))),
+        "held_out": {
+            "trigger": _held_out(ds.labels, "trigger"),
+            "target": _held_out(ds.labels, "attack_target"),
+        },
+    }

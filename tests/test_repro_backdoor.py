@@ -1,0 +1,158 @@
+"""The backdoor experiment of the reproduction (experiments.repro.backdoor): its views
+(splits with a trigger or a target held out), the TPR-by-poison-rate curve, the table and
+plot, and the findings on synthetic results, including results where they must fail."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from data_gen import common
+from experiments.repro import backdoor, findings
+from gllora.io import dataset
+
+N = 60
+TRIGGERS = ("<a>", "<b>", "<c>")
+TARGETS = ("digit_2", "digit_5")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    poisoned = np.arange(N) % 2 == 0
+    eval_trigger = np.asarray(TRIGGERS)[np.arange(N) % 3]
+    eval_target = np.asarray(TARGETS)[(np.arange(N) // 2) % 2]
+    labels = {
+        "backdoored": poisoned,
+        "attack_took": poisoned & (np.arange(N) % 4 == 0),
+        "trigger": np.where(poisoned, eval_trigger, "none"),
+        "attack_target": np.where(poisoned, eval_target, "none"),
+        "eval_trigger": eval_trigger,
+        "eval_target": eval_target,
+        "poison_rate": np.where(poisoned, rng.uniform(0.01, 0.2, N), 0.0),
+        "asr": rng.uniform(0, 1, N),
+    }
+    factors = {"k": (rng.normal(size=(N, 6, 2)), rng.normal(size=(N, 5, 2)))}
+    targets = {
+        "backdoored": {"task": "binary", "columns": ["backdoored"]},
+        "trigger": {"task": "categorical", "columns": ["trigger"]},
+        "asr": {"task": "regression", "columns": ["asr"]},
+    }
+    root = tmp_path_factory.mktemp("bd")
+    path = common.write_dataset(str(root / "d"), [("k", 6, 5)], factors, labels, targets, {}, 0)
+    return path, str(root / "views")
+
+
+def test_views_hold_out_one_trigger_and_one_target(folder):
+    path, root = folder
+    views = backdoor.make_views(path, root)
+    ds = dataset.open(path)
+    lab = ds.labels
+    poisoned = lab["backdoored"].astype(bool)
+    for view, column, eval_column, held in (
+        ("unseen_trigger", "trigger", "eval_trigger", "<c>"),
+        ("unseen_target", "attack_target", "eval_target", "digit_5"),
+    ):
+        v = dataset.open(views[view])  # the links and splits.json make a valid folder
+        test = set(v.splits["test"].tolist())
+        want = {i for i in range(N) if (lab[column][i] if poisoned[i] else lab[eval_column][i])
+                == held}  # fmt: skip
+        assert test == want
+        # Train and validation hold none of it, and clean as well as poisoned LoRAs.
+        rest = np.concatenate([v.splits["train"], v.splits["validation"]])
+        assert not set(rest.tolist()) & test
+        assert held not in set(lab[column][rest].tolist())
+        assert poisoned[rest].any() and (~poisoned[rest]).any()
+        assert set(v.splits["validation"].tolist()) <= set(ds.splits["validation"].tolist())
+    p = dataset.open(views["poisoned"])
+    for split in ("train", "validation", "test"):
+        assert set(p.splits[split].tolist()) == {i for i in ds.splits[split] if poisoned[i]}
+    assert views["all"] == path
+    # Rewriting the views (a rerun) gives the same splits.
+    again = backdoor.make_views(path, root)
+    assert np.array_equal(dataset.open(again["unseen_trigger"]).splits["test"],
+                          dataset.open(views["unseen_trigger"]).splits["test"])  # fmt: skip
+    assert os.path.islink(os.path.join(root, "poisoned", "shards"))
+
+
+def test_probe_runs_on_the_views(folder):
+    path, root = folder
+    res = backdoor.probe(backdoor.make_views(path, root))
+    assert set(res) == {t for t, *_ in backdoor.TASKS}
+    m = res["detect"]["summary"]["test"]["backdoored"]
+    assert 0 <= m["auroc"]["mean"] <= 1 and m["auroc"]["std"] == 0.0
+    assert "r2" in res["asr"]["summary"]["test"]["asr"]
+
+
+def test_curve_hand_counted():
+    # 4 negatives (1% FPR allows none: threshold = the top negative 0.5); positives at
+    # rates 1.5% (bin 0), 5% and 6% (bin 1), 15% (bin 2).
+    scores = np.array([[0.1, 0.5, 0.2, 0.3, 0.9, 0.4, 0.6, 0.5]])
+    positive = np.array([0, 0, 0, 0, 1, 1, 1, 1], bool)
+    rates = np.array([0, 0, 0, 0, 0.015, 0.05, 0.06, 0.15])
+    c = backdoor.curve(scores, positive, rates)
+    assert c["counts"] == [1, 2, 1]
+    assert c["tpr"] == [[1.0, 0.5, 0.0]]  # 0.5 ties the threshold: not counted
+    # Out-of-range rates go to the end bins.
+    c = backdoor.curve(scores, positive, np.array([0, 0, 0, 0, 0.001, 0.05, 0.06, 0.5]))
+    assert c["counts"] == [1, 2, 1]
+    with pytest.raises(ValueError, match="no negatives"):
+        backdoor.curve(scores[:, 4:], positive[4:], rates[4:])
+
+
+def _results(auroc: dict[str, list[float]], probe: float = 0.6, unseen=None) -> dict:
+    """Synthetic results: ``auroc`` per model on detection; ``unseen`` the same on the
+    unseen tasks (default: the detection values)."""
+
+    def run(values, target="backdoored"):
+        per = [{"test": {target: {"auroc": a, "accuracy": a, "tpr_at_1pct_fpr": a / 2}}}
+               for a in values]  # fmt: skip
+        mean = {k: {"mean": float(np.mean([p["test"][target][k] for p in per])),
+                    "std": float(np.std([p["test"][target][k] for p in per]))}
+                for k in per[0]["test"][target]}  # fmt: skip
+        return {"targets": [target], "per_seed": per, "summary": {"test": {target: mean}}}
+
+    out = {}
+    for task in backdoor.DETECTION:
+        values = auroc if task == "detect" or unseen is None else unseen
+        out[task] = {m: run(v) for m, v in values.items()}
+        out[task][backdoor.PROBE] = run([probe])
+    return out
+
+
+def test_findings_hold_and_fail():
+    good = _results({"glnet": [0.9, 0.92, 0.91], "mlp": [0.6, 0.62, 0.58]}, probe=0.7)
+    b1, b2 = backdoor.findings(good, ["glnet", "mlp"])
+    assert b1["verdict"] == "holds" and b2["verdict"] == "holds"
+    assert any("GL-net 0.910" in line for line in b1["evidence"])
+    # The probe is above every model: B1 must fail.
+    worse = _results({"glnet": [0.7, 0.72, 0.71], "mlp": [0.6, 0.62, 0.58]}, probe=0.9)
+    assert backdoor.findings(worse, ["glnet", "mlp"])[0]["verdict"] == "does not hold"
+    chance = _results({"glnet": [0.5, 0.52, 0.48]}, probe=0.9)
+    assert backdoor.findings(chance, ["glnet"])[0]["verdict"] == "does not hold"
+    # Inside the seed noise of the probe: not distinguishable, never "holds".
+    noisy = _results({"glnet": [0.95, 0.70, 0.85]}, probe=0.8)
+    assert backdoor.findings(noisy, ["glnet"])[0]["verdict"].startswith("not distinguishable")
+    # Detection at chance on the unseen trigger and target: B2 must fail.
+    unseen = _results({"glnet": [0.9, 0.92, 0.91]}, unseen={"glnet": [0.5, 0.55, 0.45]})
+    assert backdoor.findings(unseen, ["glnet"])[1]["verdict"] == "does not hold"
+    # Above 0.5 but under 0.6: fails too.
+    weak = _results({"glnet": [0.9, 0.92, 0.91]}, unseen={"glnet": [0.57, 0.58, 0.56]})
+    assert backdoor.findings(weak, ["glnet"])[1]["verdict"] == "does not hold"
+    assert backdoor.findings(good, ["glnet"], "tiny")[0]["verdict"] == findings.NOT_JUDGED
+
+
+def test_table_and_plot_on_synthetic_results(tmp_path):
+    results = _results({"glnet": [0.9, 0.92, 0.91], "spectral": [0.6, 0.62, 0.58]})
+    curves = {m: {"tpr": [[0.1, 0.5, float("nan")]] * 3, "counts": [3, 4, 0]}
+              for m in ("glnet", "spectral", backdoor.PROBE)}  # fmt: skip
+    info = {"num_test": {"detect": 32}, "num_poisoned": 160, "num_not_taken": 136,
+            "held_out": {"trigger": "<twice_b>", "target": "digit_9"}}  # fmt: skip
+    text = backdoor.table(results, curves, info)
+    assert "| GL-net | 0.910 ± 0.008 |" in text
+    assert backdoor.PROBE_NAME in text and "136 of them" in text
+    assert "| 0.100 ± 0.000 | 0.500 ± 0.000 | n/a |" in text
+    path = backdoor.plot(curves, str(tmp_path))
+    assert os.path.getsize(path) > 1000
