@@ -95,6 +95,11 @@ def test_curve_hand_counted():
     c = backdoor.curve(scores, positive, rates)
     assert c["counts"] == [1, 2, 1]
     assert c["tpr"] == [[1.0, 0.5, 0.0]]  # 0.5 ties the threshold: not counted
+    assert "auroc_took" not in c
+    # Attacks that took: 0.9 and the last 0.5, against the 4 clean: (4 + 3.5) / 8 pairs.
+    took = np.array([0, 0, 0, 0, 1, 0, 0, 1], bool)
+    c = backdoor.curve(scores, positive, rates, took)
+    assert c["auroc_took"] == [pytest.approx(7.5 / 8)] and c["num_took"] == 2
     # Out-of-range rates go to the end bins.
     c = backdoor.curve(scores, positive, np.array([0, 0, 0, 0, 0.001, 0.05, 0.06, 0.5]))
     assert c["counts"] == [1, 2, 1]
@@ -146,12 +151,14 @@ def test_findings_hold_and_fail():
 
 def test_table_and_plot_on_synthetic_results(tmp_path):
     results = _results({"glnet": [0.9, 0.92, 0.91], "spectral": [0.6, 0.62, 0.58]})
-    curves = {m: {"tpr": [[0.1, 0.5, float("nan")]] * 3, "counts": [3, 4, 0]}
+    curves = {m: {"tpr": [[0.1, 0.5, float("nan")]] * 3, "counts": [3, 4, 0],
+                  "auroc_took": [0.7, 0.8, 0.9], "num_took": 5}
               for m in ("glnet", "spectral", backdoor.PROBE)}  # fmt: skip
     info = {"num_test": {"detect": 32}, "num_poisoned": 160, "num_not_taken": 136,
             "held_out": {"trigger": "<twice_b>", "target": "digit_9"}}  # fmt: skip
     text = backdoor.table(results, curves, info)
-    assert "| GL-net | 0.910 ± 0.008 |" in text
+    assert "| GL-net | 0.910 ± 0.008 | 0.910 ± 0.008 | 0.455 ± 0.004 | 0.800 ± 0.082 |" in text
+    assert "AUROC, attacks that took (5)" in text
     assert backdoor.PROBE_NAME in text and "136 of them" in text
     assert "| 0.100 ± 0.000 | 0.500 ± 0.000 | n/a |" in text
     path = backdoor.plot(curves, str(tmp_path))

@@ -222,13 +222,19 @@ def probe(views: dict[str, str]) -> dict[str, dict[str, Any]]:
 # -- TPR at 1% FPR against the poison rate ------------------------------------------
 
 
-def curve(scores: np.ndarray, positive: np.ndarray, rates: np.ndarray) -> dict[str, Any]:
+def curve(
+    scores: np.ndarray, positive: np.ndarray, rates: np.ndarray, took: np.ndarray | None = None
+) -> dict[str, Any]:
     """Per seed and bin of :data:`RATE_BINS`, the TPR at 1% FPR of ``scores [S, N]``.
 
     The threshold is set on all the negatives (one per seed), the TPR counted among the
     positives whose poison rate ``rates [N]`` falls in each bin (rates outside the range
-    go to the first or last bin). Returns ``{"tpr": [S][B] (NaN for an empty bin),
-    "counts": [B]}``.
+    go to the first or last bin). With ``took [N]`` (``attack_took``), also the AUROC of
+    the clean LoRAs against the poisoned ones whose attack took.
+
+    Returns:
+      ``{"tpr": [S][B] (NaN for an empty bin), "counts": [B]}``, with ``took``
+      ``"auroc_took": [S]`` and ``"num_took"`` too.
     """
     scores, positive = np.atleast_2d(np.asarray(scores, np.float64)), np.asarray(positive, bool)
     edges = np.asarray(RATE_BINS)
@@ -245,7 +251,15 @@ def curve(scores: np.ndarray, positive: np.ndarray, rates: np.ndarray) -> dict[s
             sel = positive & (which == b)
             row.append(float(np.mean(s[sel] > threshold)) if sel.any() else float("nan"))
         tpr.append(row)
-    return {"tpr": tpr, "counts": counts}
+    out: dict[str, Any] = {"tpr": tpr, "counts": counts}
+    if took is not None:
+        from gllora.train import tasks as tasks_lib
+
+        took = np.asarray(took, bool) & positive
+        sel = ~positive | took
+        out["auroc_took"] = [tasks_lib.auroc(s[sel], took[sel]) for s in scores]
+        out["num_took"] = int(took.sum())
+    return out
 
 
 def rate_curve(workdir: str) -> dict[str, Any]:
@@ -259,7 +273,8 @@ def rate_curve(workdir: str) -> dict[str, Any]:
         ds = dataset_lib.open(json.load(f)["dataset"])
     ids = np.sort(ds.splits["test"])
     scores = analysis.batched_outputs(predictor, ds, ids)[:, :, 0]
-    return curve(scores, ds.labels["backdoored"][ids], ds.labels["poison_rate"][ids])
+    lab = ds.labels
+    return curve(scores, lab["backdoored"][ids], lab["poison_rate"][ids], lab["attack_took"][ids])
 
 
 def probe_curve(results: dict, path: str) -> dict[str, Any]:
@@ -267,7 +282,10 @@ def probe_curve(results: dict, path: str) -> dict[str, Any]:
 
     ds = dataset_lib.open(path)
     ids = np.asarray(results["test_ids"])
-    return curve(results["scores"], ds.labels["backdoored"][ids], ds.labels["poison_rate"][ids])
+    lab = ds.labels
+    return curve(
+        results["scores"], lab["backdoored"][ids], lab["poison_rate"][ids], lab["attack_took"][ids]
+    )
 
 
 # -- report ---------------------------------------------------------------------------
@@ -310,13 +328,19 @@ def table(results: dict, curves: dict, info: dict) -> str:
     from experiments.repro.tables import fmt
 
     models = [m for m in results.get("detect", {}) if m != PROBE] + [PROBE]
+    took = next((c["num_took"] for c in curves.values() if "num_took" in c), None)
     cols = ["model"] + [label for _, _, label in COLUMNS]
+    if took is not None:
+        cols.insert(4, f"AUROC, attacks that took ({took})")
     rows = []
     for model in models:
         cells = []
         for task, key, _ in COLUMNS:
             s = _stat(results, task, model, key)
             cells.append(fmt((s["mean"], s["std"])) if s else "-")
+        if took is not None:
+            a = np.asarray(curves.get(model, {}).get("auroc_took", [np.nan]), np.float64)
+            cells.insert(3, "n/a" if np.all(np.isnan(a)) else fmt((np.nanmean(a), np.nanstd(a))))
         if any(c != "-" for c in cells):
             rows.append([_name(model), *cells])
     held = info.get("held_out", {})
