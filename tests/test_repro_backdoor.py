@@ -147,6 +147,22 @@ def test_findings_hold_and_fail():
     weak = _results({"glnet": [0.9, 0.92, 0.91]}, unseen={"glnet": [0.57, 0.58, 0.56]})
     assert backdoor.findings(weak, ["glnet"])[1]["verdict"] == "does not hold"
     assert backdoor.findings(good, ["glnet"], "tiny")[0]["verdict"] == findings.NOT_JUDGED
+    # Tight seeds on a small test set are not evidence: 0.62 on 16 + 16 test LoRAs is
+    # inside the test set's chance spread (sd 0.104), though 3 seeds agree to 0.01.
+    tight = _results({"glnet": [0.61, 0.62, 0.63]}, probe=0.5)
+    assert backdoor.findings(tight, ["glnet"])[0]["verdict"] == "holds"
+    small = {t: (16, 16) for t in backdoor.DETECTION}
+    assert backdoor.findings(tight, ["glnet"], classes=small)[0]["verdict"] == "does not hold"
+    large = {t: (400, 400) for t in backdoor.DETECTION}  # sd 0.020: 0.62 is signal
+    assert backdoor.findings(tight, ["glnet"], classes=large)[0]["verdict"] == "holds"
+
+
+def test_above_chance_hand_computed():
+    # 16 + 16: null sd sqrt(33 / 3072) = 0.1036; 0.75 is z = 2.41, p = 0.0080.
+    ok, p = backdoor.above_chance(np.array([0.74, 0.75, 0.76]), (16, 16), 1)
+    assert ok and p == pytest.approx(0.0080, abs=2e-4)
+    # The same p with 8 models to pick from: 0.008 > 0.05 / 8 = 0.00625 (Bonferroni).
+    assert not backdoor.above_chance(np.array([0.74, 0.75, 0.76]), (16, 16), 8)[0]
 
 
 def test_table_and_plot_on_synthetic_results(tmp_path):

@@ -33,12 +33,13 @@ Rules of its findings (:func:`findings`; per-seed test metrics, the comparisons 
 :mod:`experiments.repro.findings`: one-sided Welch t-tests at 5%):
 
 B1. backdoors are detected from the weights better than by the published detector: the
-    model with the highest mean detection AUROC must be significantly above 0.5, else
-    the finding does not hold; then it holds where that model is significantly above
+    model with the highest mean detection AUROC must be above 0.5 (:func:`above_chance`:
+    by its seeds and by the test set's size, at 5% divided by the number of models),
+    else the finding does not hold; then it holds where that model is significantly above
     the linear probe, is "not distinguishable" where its mean is above the probe's inside
     the noise, and does not hold where its mean is not above the probe's;
 B2. detection carries over to an unseen trigger and to an unseen target: on each, the
-    model with the highest mean AUROC there is significantly above 0.5 and at least
+    model with the highest mean AUROC there is above 0.5 (the same test) and at least
     0.6. Which model is best is named only when the test says it is above every other
     (else "not distinguishable").
 """
@@ -427,13 +428,32 @@ def _runs(results: dict, task: str) -> dict:
     return {task: {m: r for m, r in results.get(task, {}).items()}}
 
 
-def _above_half(values: np.ndarray) -> bool:
-    return findings_lib.p_greater(values, np.asarray([0.5])) < findings_lib.ALPHA
+def above_chance(values: np.ndarray, classes, num_models: int) -> tuple[bool, float]:
+    """Whether per-seed AUROCs ``values`` of the best of ``num_models`` models are above
+    0.5: ``(significant, p)``, ``p`` the larger of the seeds' one-sided t-test and the
+    test-set one (``classes = (num_pos, num_neg)``: under no signal the AUROC has mean
+    1/2 and variance ``(P + N + 1) / (12 P N)``, the Mann-Whitney null; the seeds share
+    the test set, so this bounds the seed mean's too), at ``ALPHA / num_models``
+    (Bonferroni: the best of several models is picked)."""
+    from scipy import stats
+
+    values = np.asarray(values, np.float64)
+    p = findings_lib.p_greater(values, np.asarray([0.5]))
+    if classes is not None:
+        n_pos, n_neg = classes
+        sd = np.sqrt((n_pos + n_neg + 1) / (12.0 * n_pos * n_neg))
+        p = max(p, float(stats.norm.sf((values.mean() - 0.5) / sd)))
+    return bool(p < findings_lib.ALPHA / max(num_models, 1)), p
 
 
-def findings(results: dict, models, size: str = "quick") -> list[dict]:
-    """The findings B1 and B2 (module docstring), verdicts by :mod:`findings`' rules."""
+def findings(results: dict, models, size: str = "quick", classes=None) -> list[dict]:
+    """The findings B1 and B2 (module docstring), verdicts by :mod:`findings`' rules.
+
+    ``classes``: ``{task: (positives, negatives)}`` of the test splits (:func:`info`'s
+    ``test_classes``); without it, chance is judged on the seeds alone.
+    """
     models = [m for m in models if m != PROBE]
+    classes = classes or {}
     runs = _runs(results, "detect")
     flags, lines = [], []
     ranked = findings_lib.rank(runs, "detect", "auroc", models)
@@ -442,7 +462,7 @@ def findings(results: dict, models, size: str = "quick") -> list[dict]:
         lines.append(findings_lib._ranking_line("detection", "AUROC", ranked))
         top = max(ranked, key=lambda m: ranked[m][1])
         top_vals = findings_lib.per_seed(runs, "detect", top, "test", "auroc")
-        above = _above_half(top_vals)
+        above, p_chance = above_chance(top_vals, classes.get("detect"), len(ranked))
         flag = above
         if probe_vals is not None:
             p = findings_lib.p_greater(top_vals, probe_vals)
@@ -451,7 +471,8 @@ def findings(results: dict, models, size: str = "quick") -> list[dict]:
             lines.append(f"{_name(top)} {top_vals.mean():.3f} vs the probe "
                          f"{probe_vals.mean():.3f}: one-sided p = {p:.3f}")  # fmt: skip
         flags.append(flag)
-        lines.append(f"{_name(top)} AUROC significantly above 0.5: {'yes' if above else 'no'}")
+        lines.append(f"{_name(top)} AUROC above 0.5: {'yes' if above else 'no'} (p = "
+                     f"{p_chance:.3f}, needs < {findings_lib.ALPHA:g} / {len(ranked)})")  # fmt: skip
     b1 = findings_lib._finding(
         "Backdoored LoRAs are detected from their weights better than by the published "
         "detector (a linear probe on spectral statistics)",
@@ -467,13 +488,14 @@ def findings(results: dict, models, size: str = "quick") -> list[dict]:
         lines.append(findings_lib._ranking_line(task.replace("_", " "), "AUROC", ranked))
         top = max(ranked, key=lambda m: ranked[m][1])
         vals = findings_lib.per_seed(runs, task, top, "test", "auroc")
-        ok = bool(_above_half(vals) and vals.mean() >= 0.6)
-        flags.append(ok)
+        above, p_chance = above_chance(vals, classes.get(task), len(ranked))
+        flags.append(bool(above and vals.mean() >= 0.6))
         seen = findings_lib.per_seed(_runs(results, "detect"), "detect", top, "test", "auroc")
         seen_text = f", {seen.mean():.3f} on seen triggers and targets" if seen is not None else ""
         lines.append(
             f"{task.replace('_', ' ')}: {_name(top)} {vals.mean():.3f}{seen_text} "
-            f"(needs >= 0.6 and above 0.5)"
+            f"(needs >= 0.6 and above 0.5: p = {p_chance:.3f}, needs < "
+            f"{findings_lib.ALPHA:g} / {len(ranked)})"
         )
     b2 = findings_lib._finding(
         "Detection carries over to an unseen trigger and to an unseen target", flags, lines
@@ -491,11 +513,14 @@ def info(path: str, views: dict[str, str]) -> dict[str, Any]:
 
     ds = dataset_lib.open(path)
     poisoned = ds.labels["backdoored"].astype(bool)
-    num_test = {}
+    num_test, classes = {}, {}
     for task, view, _, _ in TASKS:
-        num_test[task] = len(dataset_lib.open(views[view]).splits["test"])
+        test = dataset_lib.open(views[view]).splits["test"]
+        num_test[task] = len(test)
+        classes[task] = (int(poisoned[test].sum()), int((~poisoned[test]).sum()))
     return {
         "num_test": num_test,
+        "test_classes": {t: classes[t] for t in DETECTION},
         "num_poisoned": int(poisoned.sum()),
         "num_not_taken": int(np.sum(poisoned & ~ds.labels["attack_took"].astype(bool))),
         "held_out": {

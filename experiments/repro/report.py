@@ -137,7 +137,8 @@ def write(state: dict[str, Any]) -> str:
     if state.get("backdoor"):
         from experiments.repro import backdoor
 
-        found += backdoor.findings(state["backdoor"]["results"], models, size.name)
+        b = state["backdoor"]
+        found += backdoor.findings(b["results"], models, size.name, b["info"]["test_classes"])
         images.append(backdoor.plot(state["backdoor"]["curves"], out))
     state["findings"] = found
     import jax
