@@ -69,6 +69,8 @@ DETECTION = ("detect", "unseen_trigger", "unseen_target")
 RATE_BINS = (0.01, 0.027, 0.074, 0.2)
 PROBE = "probe"
 PROBE_NAME = "Linear probe on spectral stats (arXiv 2602.15195)"
+#: Plot colours beside :data:`experiments.repro.plots.COLORS` (the paper's five).
+PEER_COLORS = {"w2t": "tab:purple", "spectral": "tab:brown", "glnet_seq": "tab:pink", PROBE: "k"}
 DATASET = registry.DatasetSpec("backdoors", "backdoors")
 
 
@@ -403,7 +405,7 @@ def plot(curves: dict, out: str) -> str:
         std = np.nanstd(tpr[:, keep], axis=0)
         ax.errorbar(
             centres[keep], mean, yerr=std, marker="o", capsize=3, label=_name(model),
-            color=plots.COLORS.get(model, "k" if model == PROBE else None),
+            color={**plots.COLORS, **PEER_COLORS}.get(model),
             ls="--" if model == PROBE else "-",
         )  # fmt: skip
     ax.set_xscale("log")
