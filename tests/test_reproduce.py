@@ -229,6 +229,8 @@ def test_report_has_every_table_plot_and_finding(tmp_path):
     assert "ERROR: JaxRuntimeError" in text  # an error is not an out of memory
     assert "forward 16 (s)" in text and "preprocess 8 (s)" in text  # the measured counts
     assert "DESIGN.md" not in text
+    orderings_section = text.split("## The paper's orderings here")[1].split("## Tables")[0]
+    assert orderings_section.strip().startswith("tiny: not judged")
     for png in ("figure4_accuracy", "figure4_loss", "figure5_preprocess", "figure5_forward",
                 "figure5_memory"):  # fmt: skip
         assert os.path.getsize(tmp_path / f"{png}.png") > 1000

@@ -158,7 +158,11 @@ def write(state: dict[str, Any]) -> str:
         "## Findings\n",
         _findings(found),
         "## The paper's orderings here\n",
-        (orderings.paragraph(runs, list(runs)) or "No table of the paper's was run.")
+        (
+            findings.NOT_JUDGED + "."
+            if size.name == "tiny"
+            else orderings.paragraph(runs, list(runs)) or "No table of the paper's was run."
+        )
         + "\n\nEach pair of the paper's models that its table orders, compared on our "
         "per-seed test metric by the one-sided Welch test at 5% (rule 0 below): held, "
         "inside the seed noise, or reversed. Why each table differs, with the measurements "

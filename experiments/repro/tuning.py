@@ -50,6 +50,7 @@ def sweep_pair(experiment: str, model: str, data: str, out: str) -> dict[str, An
 
     # The family's base, a peer's recipe and the pair's fixed architecture.
     best = paper.hparams(experiment, model, tuned=False)
+    best.pop("chosen_by")  # the sweep's result says how it was chosen
     trials: dict[str, dict] = {}
 
     def trial(h: dict) -> float:
