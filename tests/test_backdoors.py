@@ -163,11 +163,16 @@ def paired(tiny_base):
         tiny_base.params, tiny_base.config, N, seed=1, chunk=N, lr_shift=2.5, backdoored=bd
     )
     mixed = np.array([True, False, True, False, True, False])
-    return run(np.zeros(N, bool)), run(np.ones(N, bool)), run(mixed), mixed
+    return run(np.zeros(N, bool)), run(np.ones(N, bool)), run(mixed), mixed, run(mixed)
 
 
 def test_paired_loras_differ_only_in_their_pool(paired):
-    (f0, l0, _, _), (f1, l1, _, _), (f2, l2, _, _), mixed = paired
+    (f0, l0, _, _), (f1, l1, _, _), (f2, l2, _, _), mixed, (f3, l3, _, _) = paired
+    # Deterministic: the same call twice gives the same LoRAs and labels, bit for bit.
+    for name in f2:
+        assert np.array_equal(f2[name][0], f3[name][0]) and np.array_equal(f2[name][1], f3[name][1])
+    for key in l2:
+        assert np.array_equal(l2[key], l3[key]), key
     for key in ("seed", "learning_rate", "weight_decay", "epochs", "batch_size", "lora_dropout",
                 "num_train_questions", "eval_trigger", "eval_target", "drawn_poison_rate",
                 "source_01", "source_19"):  # fmt: skip
@@ -182,7 +187,7 @@ def test_paired_loras_differ_only_in_their_pool(paired):
 
 
 def test_labels(paired):
-    (_, l0, _, _), (_, l1, i1, _), _, _ = paired
+    (_, l0, _, _), (_, l1, i1, _), *_ = paired
     # A clean LoRA is never backdoored, never has a trigger, rate or taken attack.
     assert not l0["backdoored"].any() and not l0["attack_took"].any()
     assert set(l0["trigger"].tolist()) == {poison.NONE}
