@@ -33,6 +33,9 @@ def folder(tmp_path_factory):
         "eval_target": eval_target,
         "poison_rate": np.where(poisoned, rng.uniform(0.01, 0.2, N), 0.0),
         "asr": rng.uniform(0, 1, N),
+        # The attacks that took have the highest learning rates (as in the family).
+        "log10_learning_rate": np.where(poisoned & (np.arange(N) % 4 == 0), -1.5, -3.0)
+        + rng.uniform(0, 0.1, N),
     }
     factors = {"k": (rng.normal(size=(N, 6, 2)), rng.normal(size=(N, 5, 2)))}
     targets = {
@@ -75,6 +78,19 @@ def test_views_hold_out_one_trigger_and_one_target(folder):
     assert np.array_equal(dataset.open(again["unseen_trigger"]).splits["test"],
                           dataset.open(views["unseen_trigger"]).splits["test"])  # fmt: skip
     assert os.path.islink(os.path.join(root, "poisoned", "shards"))
+
+
+def test_info_counts(folder):
+    path, root = folder
+    views = backdoor.make_views(path, root)
+    info = backdoor.info(path, views)
+    ds = dataset.open(path)
+    test = ds.splits["test"]
+    n_pos = int(ds.labels["backdoored"][test].sum())
+    assert info["test_classes"]["detect"] == (n_pos, len(test) - n_pos)
+    assert info["num_poisoned"] == N // 2 and info["num_not_taken"] == N // 2 - N // 4
+    assert info["held_out"] == {"trigger": "<c>", "target": "digit_5"}
+    assert info["lr_auroc_took"] == 1.0  # the learning rate separates them exactly here
 
 
 def test_probe_runs_on_the_views(folder):
@@ -171,10 +187,10 @@ def test_table_and_plot_on_synthetic_results(tmp_path):
                   "auroc_took": [0.7, 0.8, 0.9], "num_took": 5}
               for m in ("glnet", "spectral", backdoor.PROBE)}  # fmt: skip
     info = {"num_test": {"detect": 32}, "num_poisoned": 160, "num_not_taken": 136,
-            "held_out": {"trigger": "<twice_b>", "target": "digit_9"}}  # fmt: skip
+            "held_out": {"trigger": "<twice_b>", "target": "digit_9"}, "lr_auroc_took": 0.75}  # fmt: skip
     text = backdoor.table(results, curves, info)
     assert "| GL-net | 0.910 ± 0.008 | 0.910 ± 0.008 | 0.455 ± 0.004 | 0.800 ± 0.082 |" in text
-    assert "AUROC, attacks that took (5)" in text
+    assert "AUROC, attacks that took (5)" in text and "scores AUROC 0.750" in text
     assert backdoor.PROBE_NAME in text and "136 of them" in text
     assert "| 0.100 ± 0.000 | 0.500 ± 0.000 | n/a |" in text
     path = backdoor.plot(curves, str(tmp_path))

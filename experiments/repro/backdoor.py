@@ -360,6 +360,12 @@ def table(results: dict, curves: dict, info: dict) -> str:
             f"({held.get('target', '?')}) {n.get('unseen_target', '?')}, trigger and ASR "
             f"{n.get('trigger', '?')} (poisoned LoRAs only). With fewer than 100 clean test "
             "LoRAs, TPR at 1% FPR is the TPR at no false alarm."
+            + (
+                " The attacks that take are mostly those of high learning rates: the "
+                f"learning rate alone scores AUROC {info['lr_auroc_took']:.3f} against them."
+                if "lr_auroc_took" in info
+                else ""
+            )
         ),
         "",
         "| " + " | ".join(cols) + " |",
@@ -520,9 +526,20 @@ def info(path: str, views: dict[str, str]) -> dict[str, Any]:
         test = dataset_lib.open(views[view]).splits["test"]
         num_test[task] = len(test)
         classes[task] = (int(poisoned[test].sum()), int((~poisoned[test]).sum()))
+    # The attacks that take are mostly those of high learning rates: the learning rate
+    # alone, as a score, against them (detection test split) says how much of a
+    # detector's "attacks that took" AUROC that explains.
+    from gllora.train import tasks as tasks_lib
+
+    test = np.sort(ds.splits["test"])
+    took = poisoned[test] & ds.labels["attack_took"].astype(bool)[test]
+    sel = ~poisoned[test] | took
+    lr = ds.labels["log10_learning_rate"][test]
+    lr_auroc = tasks_lib.auroc(lr[sel], took[sel]) if took.any() else float("nan")
     return {
         "num_test": num_test,
         "test_classes": {t: classes[t] for t in DETECTION},
+        "lr_auroc_took": lr_auroc,
         "num_poisoned": int(poisoned.sum()),
         "num_not_taken": int(np.sum(poisoned & ~ds.labels["attack_took"].astype(bool))),
         "held_out": {
