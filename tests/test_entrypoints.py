@@ -45,16 +45,17 @@ def run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A synthetic dataset written by its command and a one-epoch run trained on it."""
+    """A synthetic dataset of rank-2 LoRAs written by its command and a one-epoch mlp_svd
+    run trained on it."""
     root = tmp_path_factory.mktemp("entry")
     data, workdir = str(root / "data"), str(root / "run")
-    run("data_gen.synthetic", f"--out={data}", "--num=400", "--seed=3", check=True)
+    run("data_gen.synthetic", f"--out={data}", "--num=400", "--seed=3", "--rank=2", check=True)
     proc = run(
         "experiments.train",
         TINY,
         f"--config.dataset={data}",
         f"--workdir={workdir}",
-        "--config.model=mlp",
+        "--config.model=mlp_svd",
         "--config.targets=('log_norm',)",
         "--config.num_epochs=1",
         "--config.progress=false",
@@ -87,6 +88,7 @@ def test_predict_keys_rows_as_the_labels_so_they_join(trained, tmp_path):
     out = tmp_path / "predictions.csv"
     proc = run("experiments.predict", f"--workdir={workdir}", f"--inputs={data}", f"--out={out}")
     assert proc.returncode == 0, proc.stderr
+    assert "never saw" not in proc.stderr  # the trained rank: no warning
     with open(out) as f:
         predictions = list(csv.DictReader(f))
     with open(os.path.join(data, "labels.csv")) as f:
@@ -235,3 +237,17 @@ def test_demo_trains_with_the_engine(tmp_path):
     with open(tmp_path / "runs" / "mlp" / "results.json") as f:
         mse = json.load(f)["summary"]["test"]["log_norm"]["mse"]["mean"]
     assert f"{mse:.3f}" == rows["mlp"][1]
+
+
+def test_predict_warns_on_ranks_the_model_never_saw(trained, tmp_path):
+    # The run is mlp_svd on rank-2 LoRAs: on rank-4 inputs it keeps only the top 2
+    # singular values, and predict must say so, once (on rank 2 it says nothing:
+    # test_predict_keys_rows_as_the_labels_so_they_join).
+    _, workdir, _ = trained
+    high = tmp_path / "r4"
+    run("data_gen.synthetic", f"--out={high}", "--num=40", "--rank=4", check=True)
+    proc = run("experiments.predict", f"--workdir={workdir}", f"--inputs={high}",
+               f"--out={tmp_path / 'p.csv'}", check=True)  # fmt: skip
+    warnings = [line for line in proc.stderr.splitlines() if "never saw" in line]
+    assert len(warnings) == 1, proc.stderr[-2000:]
+    assert "rank 4 (trained on 2)" in warnings[0] and "truncation" in warnings[0]

@@ -276,5 +276,30 @@ def test_resuming_with_another_config_is_refused(synthetic_3k, tmp_path):
         )
 
 
+def test_progress_bar_starts_after_the_first_step(synthetic_3k, tmp_path, monkeypatch):
+    # Its clock (and so its ETA) must not include the first step's compilation: the bar
+    # is made once that step is done, starting at 1 of the total.
+    from gllora.train import loop
+
+    made = []
+
+    class Bar:
+        def __init__(self, total, initial, **kwargs):
+            made.append((total, initial))
+
+        def update(self, n):
+            pass
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(loop, "tqdm", Bar)
+    train_and_evaluate(tiny(synthetic_3k, model="mlp_svd", num_epochs=1), str(tmp_path))
+    assert len(made) == 1 and made[0][1] == 1 and made[0][0] > 1, made
+
+
 if __name__ == "__main__":
     {"seeds": _worker_seeds}[sys.argv[1]](*sys.argv[2:])
