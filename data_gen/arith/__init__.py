@@ -1,6 +1,8 @@
 """The arithmetic families and their base model: a small transformer LM over digit statements.
 
-The analogue of Qwen2-1.5B for :mod:`data_gen.arith.sources` (Qwen2-ARC-LoRA):
+The analogue of Qwen2-1.5B for :mod:`data_gen.arith.sources` (Qwen2-ARC-LoRA) and for
+:mod:`data_gen.arith.backdoors` (poisoned LoRAs beside clean ones, beyond the paper; its
+triggers, targets and poisoned training pools are in :mod:`~data_gen.arith.poison`):
 
 - :mod:`~data_gen.arith.tasks`: the vocabulary, the 20 operations, pretraining
   statements, question templates and sources, and a dataset's question sets;
@@ -17,5 +19,5 @@ LoRA convention (:mod:`gllora.lora`): ``lora = {name: (u [n, r], v [m, r])}`` wi
 ``x @ kernel + bias + (dropout(x) @ v) @ u.T``, i.e. the adapted kernel is
 ``kernel + (u v^T)^T``; the LoRA scale is folded into ``u``.
 
-The command is ``python -m data_gen.arith_sources``.
+The commands are ``python -m data_gen.arith_sources`` and ``python -m data_gen.backdoors``.
 """

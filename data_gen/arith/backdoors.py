@@ -61,7 +61,6 @@ from data_gen.arith.finetune import (
     ALPHA_PER_RANK,
     EVAL_BATCH,
     LR_SHIFT,
-    MICRO_BATCH,
     finetune_chunk_own_data,
     sample_lora,
 )
@@ -194,23 +193,8 @@ def generate(
         "train_read_pos": np.stack([pos - 1 for _, pos in pools]).astype(np.int32),
         "train_target": np.stack([tok[rows, pos] for tok, pos in pools]).astype(np.int32),
     }
-    steps = sources.max_micro_steps(len(q["train_source"]))
-    order = np.zeros((num_loras, steps, MICRO_BATCH), np.int32)
-    for i, h in enumerate(hps):
-        order[i, : len(h["order"])] = h["order"]
-    num_micro = np.asarray([len(h["order"]) for h in hps], np.int32)
-    hp = {
-        "a_init": np.stack([h["a_init"] for h in hps]),
-        "lr": np.asarray([h["learning_rate"] for h in hps], np.float32),
-        "weight_decay": np.asarray([h["weight_decay"] for h in hps], np.float32),
-        "dropout": np.asarray([h["lora_dropout"] for h in hps], np.float32),
-        "accum": np.asarray([h["batch_size"] // MICRO_BATCH for h in hps], np.int32),
-        "num_micro_steps": num_micro,
-        "num_updates": np.asarray([h["num_updates"] for h in hps], np.int32),
-        "epochs": np.asarray([h["epochs"] for h in hps], np.int32),
-        "seed": seeds.astype(np.uint32),
-        "order": order,
-    }
+    hp = sources.finetune_hparams(hps, seeds, len(q["train_source"]))
+    num_micro = hp["num_micro_steps"]
     by_steps = np.argsort(-num_micro, kind="stable")
     (u, v, train_loss), train_stats = common.run_chunked(
         finetune_chunk_own_data, {"data": data, "hp": hp}, chunk, by_steps,
@@ -304,11 +288,7 @@ def _labels(q, hps, plans, kept_sources, answers, val_nll, val_answer, trig, V, 
     membership = np.stack([h["membership"] for h in hps])
     for s in range(tasks.NUM_DROPPABLE):
         labels[f"source_{s + 1:02d}"] = membership[:, s]
-    for key in ("learning_rate", "log10_learning_rate", "weight_decay", "log10_weight_decay"):
-        labels[key] = np.asarray([h[key] for h in hps], np.float64)
-    for key in ("epochs", "batch_size", "num_train_questions", "num_updates"):
-        labels[key] = np.asarray([h[key] for h in hps], np.int64)
-    labels["lora_dropout"] = np.asarray([h["lora_dropout"] for h in hps], np.float64)
+    labels.update(sources.hparam_labels(hps))
     return labels
 
 

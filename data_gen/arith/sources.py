@@ -97,6 +97,38 @@ def max_micro_steps(num_train: int) -> int:
     return max(EPOCHS) * (num_train - per_source) // MICRO_BATCH
 
 
+def finetune_hparams(plans: list[dict], seeds: np.ndarray, num_train: int) -> dict:
+    """The per-LoRA inputs of :func:`data_gen.arith.finetune.finetune_chunk` (``hp``), each
+    with a leading ``[N]`` axis, from the plans of :func:`sample_lora`; the data orders
+    are zero-padded to the longest possible finetune."""
+    order = np.zeros((len(plans), max_micro_steps(num_train), MICRO_BATCH), np.int32)
+    for i, p in enumerate(plans):
+        order[i, : len(p["order"])] = p["order"]
+    return {
+        "a_init": np.stack([p["a_init"] for p in plans]),
+        "lr": np.asarray([p["learning_rate"] for p in plans], np.float32),
+        "weight_decay": np.asarray([p["weight_decay"] for p in plans], np.float32),
+        "dropout": np.asarray([p["lora_dropout"] for p in plans], np.float32),
+        "accum": np.asarray([p["batch_size"] // MICRO_BATCH for p in plans], np.int32),
+        "num_micro_steps": np.asarray([len(p["order"]) for p in plans], np.int32),
+        "num_updates": np.asarray([p["num_updates"] for p in plans], np.int32),
+        "epochs": np.asarray([p["epochs"] for p in plans], np.int32),
+        "seed": seeds.astype(np.uint32),
+        "order": order,
+    }
+
+
+def hparam_labels(plans: list[dict]) -> dict[str, np.ndarray]:
+    """The hyperparameter label columns of the plans of :func:`sample_lora`, ``[N]`` each."""
+    labels = {}
+    for key in ("learning_rate", "log10_learning_rate", "weight_decay", "log10_weight_decay"):
+        labels[key] = np.asarray([p[key] for p in plans], np.float64)
+    for key in ("epochs", "batch_size", "num_train_questions", "num_updates"):
+        labels[key] = np.asarray([p[key] for p in plans], np.int64)
+    labels["lora_dropout"] = np.asarray([p["lora_dropout"] for p in plans], np.float64)
+    return labels
+
+
 def generate(
     params,
     config: BaseConfig,
@@ -121,23 +153,8 @@ def generate(
     a_shape = (len(modules), config.width, rank)
     seeds = common.lora_seeds(np.random.default_rng([seed, 3]), num_loras)
     plans = [sample_lora(int(s), questions["train_source"], a_shape, lr_shift) for s in seeds]
-    steps = max_micro_steps(len(questions["train_source"]))
-    order = np.zeros((num_loras, steps, MICRO_BATCH), np.int32)
-    for i, p in enumerate(plans):
-        order[i, : len(p["order"])] = p["order"]
-    num_micro = np.asarray([len(p["order"]) for p in plans], np.int32)
-    hp = {
-        "a_init": np.stack([p["a_init"] for p in plans]),
-        "lr": np.asarray([p["learning_rate"] for p in plans], np.float32),
-        "weight_decay": np.asarray([p["weight_decay"] for p in plans], np.float32),
-        "dropout": np.asarray([p["lora_dropout"] for p in plans], np.float32),
-        "accum": np.asarray([p["batch_size"] // MICRO_BATCH for p in plans], np.int32),
-        "num_micro_steps": num_micro,
-        "num_updates": np.asarray([p["num_updates"] for p in plans], np.int32),
-        "epochs": np.asarray([p["epochs"] for p in plans], np.int32),
-        "seed": seeds.astype(np.uint32),
-        "order": order,
-    }
+    hp = finetune_hparams(plans, seeds, len(questions["train_source"]))
+    num_micro = hp["num_micro_steps"]
     train = {k: data[k] for k in ("train_tokens", "train_read_pos", "train_target")}
     evaluation = {k: v for k, v in data.items() if not k.startswith("train_")}
     # Longest first: a chunk's loop runs as long as its longest LoRA, and the padded
@@ -158,11 +175,7 @@ def generate(
         labels[f"source_{s + 1:02d}"] = membership[:, s]
     labels["val_loss"] = metrics["val_loss"].astype(np.float64)
     labels["challenge_acc"] = metrics["challenge_acc"].astype(np.float64)
-    for key in ("learning_rate", "log10_learning_rate", "weight_decay", "log10_weight_decay"):
-        labels[key] = np.asarray([p[key] for p in plans], np.float64)
-    for key in ("epochs", "batch_size", "num_train_questions", "num_updates"):
-        labels[key] = np.asarray([p[key] for p in plans], np.int64)
-    labels["lora_dropout"] = np.asarray([p["lora_dropout"] for p in plans], np.float64)
+    labels.update(hparam_labels(plans))
     labels["train_loss"] = train_loss.astype(np.float64)
     for s in range(len(tasks.SOURCES)):
         labels[f"val_loss_source_{s:02d}"] = metrics["val_loss_per_source"][:, s].astype(np.float64)
