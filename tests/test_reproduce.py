@@ -8,6 +8,7 @@ reproduction at the ``tiny`` size, then again to check that everything is reused
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -16,6 +17,8 @@ from scipy.special import comb
 
 from experiments.configs import paper as paper_config
 from experiments.repro import analysis, paper, registry, report, runner, timing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BINOM = np.array([comb(10, k) for k in range(11)]) / 2.0**10
 NONEMPTY = np.where(np.arange(11) > 0, BINOM, 0.0) / (1 - BINOM[0])  # the digit subsets
@@ -322,3 +325,25 @@ def test_any_structure_table_reads_mix_and_per_structure_runs():
     spec = anystructure.dataset_spec(size)
     cmd = spec.command(size, "/tmp/x", None)
     assert "--base_configs=default,deep,wide,mid" in cmd and "--holdout=mid" in cmd
+
+
+def test_tuned_hparams_are_the_stored_sweeps_best_trials():
+    # Every tuned pair of configs/paper.py is the lowest mean validation loss among the
+    # trials stored in configs/sweep_quick.json (the coordinate sweep's final pick is the
+    # minimum over all its trials), with the same count; an untuned pair says so.
+    with open(os.path.join(ROOT, "experiments", "configs", "sweep_quick.json")) as f:
+        sweeps = json.load(f)
+    assert paper_config.HPARAMS
+    for experiment, per in paper_config.HPARAMS.items():
+        for model, chosen in per.items():
+            trials = sweeps[experiment][model]["trials"].values()
+            best = min(trials, key=lambda t: t["val_loss"])
+            assert len(trials) == chosen["trials"] == 6, (experiment, model)
+            assert best["hparams"]["learning_rate"] == chosen["learning_rate"]
+            assert best["hparams"]["weight_decay"] == chosen["weight_decay"]
+            assert abs(best["val_loss"] - chosen["val_loss"]) < 5e-5  # stored to 4 decimals
+            assert paper_config.hparams(experiment, model)["chosen_by"].startswith("sweep: 6")
+    untuned = [(e, m) for e in paper_config.FAMILY for m in paper.MODELS
+               if m not in paper_config.HPARAMS.get(e, {})]  # fmt: skip
+    for e, m in untuned:
+        assert paper_config.hparams(e, m)["chosen_by"].startswith("not swept"), (e, m)
