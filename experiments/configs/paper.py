@@ -110,8 +110,8 @@ ARCH: dict[str, dict[str, dict[str, Any]]] = {
 #: seeds and the number of trials; every trial is stored in ``sweep_quick.json`` beside
 #: this file (and checked against these values by ``tests/test_reproduce.py``). A pair
 #: missing here runs the family's base: the sweep did not reach the digit-subset pairs
-#: other than membership's MLP and GL-net (their trials at rank 32 took 5-12 min each on
-#: the shared machine), nor the peers, which run their authors' recipe.
+#: other than GL-net's two and membership's MLP (their trials at rank 32 took 2-12 min
+#: each on the shared machine), nor the peers, which run their authors' recipe.
 HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
     "quality": {
         "mlp": {"learning_rate": 0.0005, "weight_decay": 0.0, "val_loss": 0.9719, "trials": 6},
@@ -145,6 +145,9 @@ HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
     "membership": {
         "mlp": {"learning_rate": 0.005, "weight_decay": 0.01, "val_loss": 0.726, "trials": 6},
         "glnet": {"learning_rate": 0.005, "weight_decay": 0.01, "val_loss": 0.504, "trials": 6},
+    },
+    "dataset_size": {
+        "glnet": {"learning_rate": 0.0001, "weight_decay": 0.01, "val_loss": 1.9989, "trials": 6}
     },
     "sources": {
         "mlp": {"learning_rate": 0.001, "weight_decay": 0.01, "val_loss": 0.7092, "trials": 6},
