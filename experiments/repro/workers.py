@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
+import sys
 from typing import Any
 
 
@@ -26,10 +27,27 @@ def available_cores() -> list[int]:
 def _init() -> None:
     import logging
 
+    _die_with_parent()
+
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     logging.getLogger().setLevel(logging.WARNING)
+
+
+def _die_with_parent() -> None:
+    """Asks Linux to send this worker SIGTERM when the process that started it dies, so a
+    killed sweep or reproduction leaves no orphan trainings running (elsewhere: no-op).
+    Workers are started from the pool owner's main thread, whose exit is the trigger."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before the call: nothing would signal us
+        os._exit(1)
 
 
 class Pool:
