@@ -27,7 +27,7 @@ def test_orderings_hold_reverse_or_stay_inside_the_noise():
     assert pairs[("mlp_oalign", "mlp_dense")] == orderings.NOISE
     text = orderings.paragraph(runs_of(ours, "accuracy"), ["dataset_size"])
     assert text.startswith("**Table 4.**")
-    assert "7 hold, 1 are inside the seed noise, 2 are reversed" in text
+    assert "7 held, 1 inside the seed noise, 2 reversed" in text
     assert "paper GL-net 46.8 > MLP + O-Align 35.2, here 0.200 < 0.300" in text
 
 

@@ -74,8 +74,8 @@ def paragraph(runs, experiments) -> str:
         counts = {s: sum(p["standing"] == s for p in pairs) for s in (HOLDS, NOISE, REVERSED)}
         text = (
             f"{experiment}: of the paper's {len(pairs)} pairwise orderings, "
-            f"{counts[HOLDS]} hold, {counts[NOISE]} are inside the seed noise, "
-            f"{counts[REVERSED]} are reversed"
+            f"{counts[HOLDS]} held, {counts[NOISE]} inside the seed noise, "
+            f"{counts[REVERSED]} reversed"
         )
         reversed_ = [p for p in pairs if p["standing"] == REVERSED]
         if reversed_:

@@ -164,7 +164,7 @@ def write(state: dict[str, Any]) -> str:
             else orderings.paragraph(runs, list(runs)) or "No table of the paper's was run."
         )
         + "\n\nEach pair of the paper's models that its table orders, compared on our "
-        "per-seed test metric by the one-sided Welch test at 5% (rule 0 below): held, "
+        "per-seed test metric by the one-sided Welch test at 5% (rule 0 of the findings above): held, "
         "inside the seed noise, or reversed. Why each table differs, with the measurements "
         "behind it: BUILD_NOTES.md, \"Where the reproduction differs from the paper\".\n",
         "## Tables\n",
