@@ -187,3 +187,17 @@ def test_cost_rule_never_counts_an_error_as_out_of_memory():
 def test_tiny_size_is_never_judged():
     found = findings.all_findings({}, MODELS, {}, {}, {}, [], size="tiny")
     assert {f["verdict"] for f in found} == {findings.NOT_JUDGED}
+
+
+def test_a_finding_about_a_model_that_did_not_run_is_not_tested():
+    # MLP + SVD's dataset-size run is missing (a restricted --models): "not tested",
+    # never "does not hold"; GL-net's missing membership run drops out of its finding.
+    table = {"dataset_size": {"glnet": (0.20, 0.01), "mlp": (0.22, 0.01)}}
+    found = findings.svd_best_size(runs_of(table, "accuracy"), MODELS)
+    assert found["verdict"].startswith("not tested"), found
+    assert "no MLP + SVD run (not tested)" in found["evidence"][0]
+    two = {
+        "attributes": {"glnet": (0.96, 0.004), "mlp": (0.55, 0.005)},
+        "membership": {"mlp": (0.5, 0.01)},
+    }
+    assert findings.glnet_best(runs_of(two, "accuracy"), MODELS)["verdict"] == "holds"

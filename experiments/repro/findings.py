@@ -54,6 +54,8 @@ CLASSIFICATION = ("attributes", "membership", "dataset_size", "sources")
 REGRESSION = ("quality", "val_loss", "challenge_acc")
 ALPHA = 0.05
 NOT_JUDGED = "tiny: not judged"
+#: The model a finding is about did not run: that experiment does not count.
+MISSING = object()
 
 
 # -- per-seed values and the comparison rule ----------------------------------------
@@ -136,8 +138,8 @@ def _ranking_line(experiment: str, key: str, ranked: dict) -> str:
 
 def _is_best(runs, experiment: str, key: str, model: str, models) -> tuple[bool | None, str]:
     ranked = rank(runs, experiment, key, models)
-    if model not in ranked:
-        return False, f"{experiment}: no {paper.MODEL_NAMES.get(model, model)} run"
+    if model not in ranked:  # nothing to judge: the finding is not tested there
+        return MISSING, f"{experiment}: no {paper.MODEL_NAMES.get(model, model)} run (not tested)"
     standing = ranked[model][0]
     flag = True if standing == "best" else None if standing == "not distinguishable" else False
     return flag, _ranking_line(experiment, key, ranked)
@@ -169,7 +171,7 @@ def glnet_best(runs, models) -> dict:
         if exp not in runs:
             continue
         flag, line = _is_best(runs, exp, key, "glnet", models)
-        flags.append(flag)
+        flags += [] if flag is MISSING else [flag]
         lines.append(line)
     return _finding("GL-net is best on quality, attribute and membership prediction", flags, lines)
 
@@ -178,7 +180,7 @@ def svd_best_size(runs, models) -> dict:
     flags, lines = [], []
     if "dataset_size" in runs:
         flag, line = _is_best(runs, "dataset_size", "accuracy", "mlp_svd", models)
-        flags, lines = [flag], [line]
+        flags, lines = ([] if flag is MISSING else [flag]), [line]
     return _finding("MLP + SVD is best on dataset size", flags, lines)
 
 
