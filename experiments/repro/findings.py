@@ -136,7 +136,8 @@ def _ranking_line(experiment: str, key: str, ranked: dict) -> str:
     return f"{experiment} (test {key}): " + ", ".join(parts)
 
 
-def _is_best(runs, experiment: str, key: str, model: str, models) -> tuple[bool | None, str]:
+def _is_best(runs, experiment: str, key: str, model: str, models) -> tuple[object, str]:
+    """``(True | None | False | MISSING, evidence line)`` for ``model`` being best."""
     ranked = rank(runs, experiment, key, models)
     if model not in ranked:  # nothing to judge: the finding is not tested there
         return MISSING, f"{experiment}: no {paper.MODEL_NAMES.get(model, model)} run (not tested)"
