@@ -73,6 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.eval_batch_size = 256
     config.in_memory_gb = 2.0  # splits smaller than this are read onto the device once
+    # Models whose features have no parameters (mlp_svd, mlp_oalign) compute them once per
+    # run, not at every step, where every split's fit in_memory_gb (gllora.train.featurized).
+    config.precompute_features = True
     config.log_every_steps = 50
     config.checkpoint_every_epochs = 1
     config.progress = True

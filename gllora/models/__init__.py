@@ -22,7 +22,7 @@ import flax.linen as nn
 
 from gllora.models.glnet import GLNet, GLNetTrunk
 from gllora.models.glnet_seq import GLNetSeq
-from gllora.models.mlp import Mlp, MlpDense, MlpOAlign, MlpSvd
+from gllora.models.mlp import Featurized, Mlp, MlpDense, MlpOAlign, MlpSvd
 from gllora.models.spectral import Spectral
 from gllora.models.w2t import W2T
 
@@ -69,6 +69,14 @@ def any_structure(name: str) -> bool:
     return bool(getattr(_lookup(name)[0], "any_structure", False))
 
 
+def fixed_features(name: str) -> bool:
+    """Whether a registered model's input features have no parameters, so that the engine
+    may compute them once per run (``model.apply(variables, lora, features_only=True)``
+    gives a :class:`Featurized`, which ``model.apply`` takes in place of the LoRA):
+    ``mlp_svd`` and ``mlp_oalign``, whose Jacobi solves cost more than the rest of a step."""
+    return bool(getattr(_lookup(name)[0], "fixed_features", False))
+
+
 def _lookup(name: str) -> tuple[type[nn.Module], str | None]:
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}")
@@ -103,6 +111,7 @@ __all__ = [
     "PAPER_MODELS",
     "REGISTRY",
     "W2T",
+    "Featurized",
     "GLNet",
     "GLNetSeq",
     "GLNetTrunk",
@@ -113,6 +122,7 @@ __all__ = [
     "Spectral",
     "any_structure",
     "build",
+    "fixed_features",
     "invariance",
     "layout",
     "names",

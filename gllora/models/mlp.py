@@ -4,6 +4,10 @@ dense products. Each takes ONE LoRA and returns ``[num_outputs]``.
 All share the authors' MLP: ``(Linear -> LayerNorm -> Dropout -> ReLU) x depth -> Linear``,
 whose first Linear is a :class:`~gllora.layers.GroupedDense` over the module groups;
 they differ only in the per-module features fed to it (:meth:`_MlpOn.features`).
+
+Where those features have no parameters (singular values; O-aligned factors, whose
+template is a constant), the engine computes them once per run instead of once per step
+(:class:`Featurized`, ``fixed_features``; :mod:`gllora.train.featurized`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -25,8 +30,30 @@ def _flatten_pair(u: Array, v: Array) -> Array:
     return jnp.concatenate([u.reshape(u.shape[0], -1), v.reshape(v.shape[0], -1)], 1)
 
 
+@flax.struct.dataclass
+class Featurized:
+    """The first layer's inputs of ONE LoRA (or a batch of them, on leading axes),
+    computed ahead of the model: what :meth:`_MlpOn.features` and the extras give.
+
+    ``keys`` name the groups (static); ``values[i]`` is ``[..., k_i, F_i]``.
+    """
+
+    keys: tuple[str, ...] = flax.struct.field(pytree_node=False)
+    values: tuple[Array, ...]
+
+
 class _MlpOn(nn.Module):
-    """An MLP on per-module features; subclasses define :meth:`features`."""
+    """An MLP on per-module features; subclasses define :meth:`features`.
+
+    ``model.apply(variables, lora, features_only=True)`` returns the first layer's inputs
+    as a :class:`Featurized`, and ``model.apply(variables, featurized)`` the outputs from
+    them: the same as ``model.apply(variables, lora)``. A class whose features have no
+    parameters says so with ``fixed_features = True``; the engine then computes them once.
+    """
+
+    #: The features are a fixed function of the input (and constant collections such as
+    #: O-Align's template), with no parameters: they can be computed once per run.
+    fixed_features: ClassVar[bool] = False
 
     #: Batch layout the engine feeds (gllora.models.layout): per-example Gram matrices,
     #: products and flattened factors contract along n or r, which XLA does fastest with
@@ -43,10 +70,19 @@ class _MlpOn(nn.Module):
         raise NotImplementedError
 
     @nn.compact
-    def __call__(self, lora: Lora, train: bool = False) -> Array:
-        extras = layers.extras_features(lora)
-        layers.check_input(self, lora, extra_keys=[] if extras is None else [extras[0]])
-        inputs = self.features(lora) + ([] if extras is None else [extras])
+    def __call__(
+        self, lora: Lora | Featurized, train: bool = False, features_only: bool = False
+    ) -> Array | Featurized:
+        if isinstance(lora, Featurized):  # computed ahead by features_only=True
+            if self.is_initializing():
+                raise ValueError(f"{type(self).__name__}: initialise with a Lora, not Featurized")
+            inputs = list(zip(lora.keys, lora.values))
+        else:
+            extras = layers.extras_features(lora)
+            layers.check_input(self, lora, extra_keys=[] if extras is None else [extras[0]])
+            inputs = self.features(lora) + ([] if extras is None else [extras])
+            if features_only:
+                return Featurized(tuple(k for k, _ in inputs), tuple(x for _, x in inputs))
         h = layers.GroupedDense(self.hidden, name="first")(inputs)
         return layers.MlpTail(self.hidden, self.depth, self.num_outputs, self.dropout, name="tail")(
             h, train
@@ -83,6 +119,7 @@ class MlpOAlign(_MlpOn):
     """
 
     template: Any = None
+    fixed_features: ClassVar[bool] = True
 
     def features(self, lora: Lora) -> list[tuple[str, Array]]:
         template = self.template if self.template is not None else lora
@@ -117,6 +154,7 @@ class MlpSvd(_MlpOn):
 
     rank: int | None = None
     refine: str = "u"
+    fixed_features: ClassVar[bool] = True
 
     def features(self, lora: Lora) -> list[tuple[str, Array]]:
         return [

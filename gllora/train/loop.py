@@ -40,13 +40,15 @@ from tqdm import tqdm
 from gllora import models, parallel
 from gllora.io import dataset as dataset_lib
 from gllora.io.dataset import multi as multi_lib
-from gllora.train import multi, pipeline, steps, tasks
+from gllora.train import featurized, multi, pipeline, steps, tasks
 from gllora.train import results as results_lib
 from gllora.train import state as state_lib
 
 # Fields that may differ when a run is resumed (they do not change the results, beyond
-# float32 rounding for the device layout).
-_RESUMABLE = ("progress", "log_every_steps", "num_devices", "shard_params")
+# float32 rounding for the device layout or for where features are computed).
+_RESUMABLE = (
+    "progress", "log_every_steps", "num_devices", "shard_params", "precompute_features"
+)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -263,6 +265,47 @@ def _sources(run: _Run) -> dict[str, pipeline.Source]:
     }
 
 
+def _featurized(run: _Run, state, sources: dict[str, Any]) -> dict[str, Any]:
+    """The splits' features, computed once (:mod:`gllora.train.featurized`), where the
+    model's features have no parameters, nothing changes them between steps (no
+    augmentation) and every seed's features of the splits fit ``config.in_memory_gb``;
+    else the sources as they are."""
+    config = run.config
+    if not (
+        config.get("precompute_features", True)
+        and models.fixed_features(config.model)
+        and config.augment == "none"
+        and run.setup.layout == "leading"  # featurized batches are [S, B, ...]
+        and not isinstance(run.ds, multi_lib.MultiDataset)
+    ):
+        return sources
+    params, consts = state["params"], state["consts"]
+    train = sources["train"]
+    per_lora = featurized.feature_bytes(run.setup, params, consts, train, run.splits["train"][0])
+    need = per_lora * sum(len(ids) for ids in run.splits.values())
+    if need > config.in_memory_gb * 1e9:
+        logging.info(
+            "features of %s: %.2f GB for every seed and split, over config.in_memory_gb=%g; "
+            "computed at every step instead",
+            config.model,
+            need / 1e9,
+            config.in_memory_gb,
+        )
+        return sources
+    t0 = time.perf_counter()
+    out = {
+        name: featurized.FeatureSource(
+            sources[name], ids, run.setup, params, consts, int(config.batch_size)
+        )
+        for name, ids in run.splits.items()
+    }
+    logging.info(
+        "features of %s computed once: %.2f GB in %.1f s", config.model, need / 1e9,
+        time.perf_counter() - t0,
+    )  # fmt: skip
+    return out
+
+
 def _train(run: _Run, state, placed, manager, sources, log: _MetricsLog, main: bool):
     """The epochs: steps, logged losses, validation after each epoch, best model, checkpoints."""
     config, mesh, seeds = run.config, run.mesh, run.seeds
@@ -400,7 +443,7 @@ def _train_and_evaluate(config, workdir: str, mesh, main: bool) -> dict[str, Any
         logging.info("resumed from step %d", int(state["step"]))
     log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), int(state["step"]), enabled=main)
 
-    sources = _sources(run)
+    sources = _featurized(run, state, _sources(run))
     state, predict = _train(run, state, placed, manager, sources, log, main)
     results = results_lib.final_results(
         predict, run.targets, state, sources, run.splits, run.labels, config, run.seeds

@@ -126,21 +126,33 @@ def _rms(x: np.ndarray, count: float) -> float:
 
 
 def apply(
-    setup: Setup, params, consts, lora: Lora, *, train: bool = False, key: Array | None = None
+    setup: Setup,
+    params,
+    consts,
+    lora: Lora | models.Featurized,
+    *,
+    train: bool = False,
+    key: Array | None = None,
 ) -> Array:
-    """The model on ONE (input-scaled, in training augmented) LoRA: ``[num_outputs]``.
+    """The model on ONE (input-scaled, in training augmented) LoRA, or on its features
+    computed ahead by :func:`featurize`: ``[num_outputs]``.
 
     ``consts`` holds the input scales and the model's non-parameter collections (its
     ``lora_spec`` record, O-Align's template).
     """
-    lora = scale_input(lora.astype(setup.dtype), consts["input_scale"])
     variables = {"params": params, **{k: v for k, v in consts.items() if k != "input_scale"}}
+    ahead = isinstance(lora, models.Featurized)  # features computed ahead (featurize)
+    if ahead:
+        lora = jax.tree_util.tree_map(lambda x: x.astype(setup.dtype), lora)
+    else:
+        lora = scale_input(lora.astype(setup.dtype), consts["input_scale"])
     if not train:
         return setup.model.apply(variables, lora)
     k_drop, k_aug = jax.random.split(key)
-    if setup.augment == "perm_sign":
+    # Features are computed ahead only for runs without augmentation (train/loop.py).
+    if setup.augment == "perm_sign" and not ahead:
         lora = w2t.augment_lora(k_aug, lora, 0.5)
-    elif setup.augment != "none":
+    elif setup.augment != "none" and not ahead:
         lora = group.random_action(k_aug, lora, setup.augment, max_cond=setup.augment_max_cond)
     return setup.model.apply(variables, lora, train=True, rngs={"dropout": k_drop})
 
@@ -243,12 +255,37 @@ def train_step(setup: Setup, state: dict[str, Any], batch: Lora, y: Array, w: Ar
 def predict(setup: Setup, params, consts, batch: Lora, layout: str) -> Array:
     """Every seed's outputs on one batch of ``B`` examples in ``layout``: ``[S, B, C]``.
 
-    The same examples for every seed (``batch`` has no seed axis).
+    The same examples for every seed (``batch`` has no seed axis), except for a
+    :class:`~gllora.models.Featurized` batch (:func:`featurize`), which is per seed:
+    ``[S, B, ...]``.
     """
+    if isinstance(batch, models.Featurized):
+        per_example = lambda p, c, x: jax.vmap(lambda e: apply(setup, p, c, e))(x)
+        return jax.vmap(per_example)(params, consts, batch)
     axes = batch_axes(batch, layout)
 
     def per_seed(p, c):
         return jax.vmap(lambda x: apply(setup, p, c, x), in_axes=(axes,))(batch)
+
+    return jax.vmap(per_seed)(params, consts)
+
+
+def featurize(setup: Setup, params, consts, batch: Lora, layout: str) -> models.Featurized:
+    """Every seed's model inputs on one batch of ``B`` examples, computed ahead of the
+    model (only for ``models.fixed_features`` models, without augmentation: the features
+    do not change during training): a :class:`~gllora.models.Featurized` with leaves
+    ``[S, B, k, F]``, which :func:`apply` and :func:`predict` take in place of a batch.
+
+    ``params`` are not read (the features have none) but complete the variables.
+    """
+    axes = batch_axes(batch, layout)
+
+    def per_seed(p, c):
+        variables = {"params": p, **{k: v for k, v in c.items() if k != "input_scale"}}
+        one = lambda x: setup.model.apply(
+            variables, scale_input(x.astype(setup.dtype), c["input_scale"]), features_only=True
+        )
+        return jax.vmap(one, in_axes=(axes,))(batch)
 
     return jax.vmap(per_seed)(params, consts)
 
