@@ -123,6 +123,49 @@ def test_curve_hand_counted():
         backdoor.curve(scores[:, 4:], positive[4:], rates[4:])
 
 
+def test_curve_learning_rate_matched():
+    """Pairs within a quarter decade of learning rate only. Clean: three at log10 lr -3.9
+    (stratum -16), one at -2.1 (stratum -9); took: one at -3.9, two at -2.1. Scores
+    equal to the learning rate separate took from clean by the plain AUROC (8.5 of 12
+    pairs) but are a tie inside each stratum (0.5): the confound, removed."""
+    log_lr = np.array([-3.9, -3.9, -3.9, -2.1, -3.9, -2.1, -2.1])
+    positive = np.array([0, 0, 0, 0, 1, 1, 1], bool)
+    took = positive.copy()
+    rates = np.array([0, 0, 0, 0, 0.05, 0.05, 0.05])
+    c = backdoor.curve(log_lr[None], positive, rates, took, log_lr)
+    assert c["auroc_took"] == [pytest.approx(8.5 / 12)]
+    assert c["auroc_took_matched"] == [pytest.approx(0.5)]
+    # A score that ranks each took LoRA above the clean ones of its stratum: 1.0.
+    score = np.array([[0.1, 0.2, 0.3, 0.1, 0.9, 0.9, 0.9]])
+    assert backdoor.curve(score, positive, rates, took, log_lr)["auroc_took_matched"] == [1.0]
+    # Null spread: strata (P, N) = (1, 3) and (2, 1): sqrt(1*3*5/12 + 2*1*4/12) / 5 pairs.
+    assert c["matched_null_sd"] == pytest.approx(np.sqrt(15 / 12 + 8 / 12) / 5)
+    assert list(backdoor.lr_strata([-3.9, -3.75, -3.74, -1.5])) == [-16, -15, -15, -6]
+
+
+def _curves(matched: dict[str, list[float]], null_sd: float = 0.02) -> dict:
+    return {m: {"auroc_took_matched": v, "matched_null_sd": null_sd} for m, v in matched.items()}
+
+
+def test_matched_finding_holds_and_fails():
+    good = _curves({"glnet": [0.8, 0.82, 0.81], "mlp": [0.55, 0.5, 0.52]})
+    assert backdoor.matched_finding(good, ["glnet", "mlp"], 0.55)["verdict"] == "holds"
+    # No better than the learning rate's own residual inside a stratum: must fail.
+    assert backdoor.matched_finding(good, ["glnet", "mlp"], 0.9)["verdict"] == "does not hold"
+    # At chance by the test set's spread, though the seeds agree: must fail.
+    wide = _curves({"glnet": [0.6, 0.61, 0.6]}, null_sd=0.1)
+    assert backdoor.matched_finding(wide, ["glnet"], 0.5)["verdict"] == "does not hold"
+    # Above the learning rate inside the noise: not distinguishable, never "holds".
+    noisy = _curves({"glnet": [0.95, 0.70, 0.85]})
+    verdict = backdoor.matched_finding(noisy, ["glnet"], 0.75)["verdict"]
+    assert verdict.startswith("not distinguishable")
+    # Wired into findings() with the curves and info; without them, B1 and B2 only.
+    res = _results({"glnet": [0.9, 0.92, 0.91]})
+    info = {"lr_auroc_took_matched": 0.55}
+    assert len(backdoor.findings(res, ["glnet"], curves=good, info=info)) == 3
+    assert len(backdoor.findings(res, ["glnet"])) == 2
+
+
 def _results(auroc: dict[str, list[float]], probe: float = 0.6, unseen=None) -> dict:
     """Synthetic results: ``auroc`` per model on detection; ``unseen`` the same on the
     unseen tasks (default: the detection values)."""
@@ -184,13 +227,17 @@ def test_above_chance_hand_computed():
 def test_table_and_plot_on_synthetic_results(tmp_path):
     results = _results({"glnet": [0.9, 0.92, 0.91], "spectral": [0.6, 0.62, 0.58]})
     curves = {m: {"tpr": [[0.1, 0.5, float("nan")]] * 3, "counts": [3, 4, 0],
-                  "auroc_took": [0.7, 0.8, 0.9], "num_took": 5}
+                  "auroc_took": [0.7, 0.8, 0.9], "num_took": 5,
+                  "auroc_took_matched": [0.6, 0.6, 0.6], "matched_null_sd": 0.1}
               for m in ("glnet", "spectral", backdoor.PROBE)}  # fmt: skip
     info = {"num_test": {"detect": 32}, "num_poisoned": 160, "num_not_taken": 136,
-            "held_out": {"trigger": "<twice_b>", "target": "digit_9"}, "lr_auroc_took": 0.75}  # fmt: skip
+            "held_out": {"trigger": "<twice_b>", "target": "digit_9"}, "lr_auroc_took": 0.75,
+            "lr_auroc_took_matched": 0.56}  # fmt: skip
     text = backdoor.table(results, curves, info)
-    assert "| GL-net | 0.910 ± 0.008 | 0.910 ± 0.008 | 0.455 ± 0.004 | 0.800 ± 0.082 |" in text
-    assert "AUROC, attacks that took (5)" in text and "scores AUROC 0.750" in text
+    assert ("| GL-net | 0.910 ± 0.008 | 0.910 ± 0.008 | 0.455 ± 0.004 | 0.800 ± 0.082 | "
+            "0.600 ± 0.000 |") in text  # fmt: skip
+    assert "AUROC, attacks that took (5) | same, LR-matched |" in text
+    assert "scores AUROC 0.750 against them, and 0.560 LR-matched" in text
     assert backdoor.PROBE_NAME in text and "136 of them" in text
     assert "| 0.100 ± 0.000 | 0.500 ± 0.000 | n/a |" in text
     path = backdoor.plot(curves, str(tmp_path))

@@ -18,6 +18,36 @@ def test_auroc_hand_counted_with_a_tie():
     assert np.isnan(tasks.auroc(scores, np.ones(6, bool)))
 
 
+def test_stratified_auroc_counts_pairs_within_strata_only():
+    # Stratum 0: positives 0.9, 0.2; negatives 0.5 -> pairs 0.9>0.5 (1), 0.2<0.5 (0): 1 of 2.
+    # Stratum 1: positive 3.0; negatives 3.0, 1.0 -> a tie (0.5) and a win (1): 1.5 of 2.
+    # Stratum 2: positives only: no pair. Across strata: 2.5 of 4.
+    scores = np.array([0.9, 0.2, 0.5, 3.0, 3.0, 1.0, 7.0])
+    positive = np.array([True, True, False, True, False, False, True])
+    strata = np.array([0, 0, 0, 1, 1, 1, 2])
+    got, sd = tasks.stratified_auroc(scores, positive, strata)
+    assert got == pytest.approx(2.5 / 4, abs=1e-12)
+    # Null spread: stratum 0 and 1 each P N (P + N + 1) / 12 = 2 * 4 / 12.
+    assert sd == pytest.approx(np.sqrt(2 * (2 * 4 / 12)) / 4, abs=1e-12)
+    # Negative control: the plain AUROC of the same scores counts cross-stratum pairs.
+    assert tasks.auroc(scores, positive) != pytest.approx(got)
+
+
+def test_stratified_auroc_of_a_confounder_alone_is_chance():
+    """A score that is the stratum itself (the learning rate, binned) separates positives
+    from negatives when positives sit in high strata (plain AUROC near 1), yet within
+    strata it is a constant: exactly 0.5."""
+    rng = np.random.default_rng(0)
+    strata = rng.integers(0, 8, 400)
+    positive = rng.random(400) < strata / 10  # more positives in high strata
+    assert tasks.auroc(strata.astype(float), positive) > 0.7
+    got, _ = tasks.stratified_auroc(strata.astype(float), positive, strata)
+    assert got == pytest.approx(0.5, abs=1e-12)
+    assert all(np.isnan(tasks.stratified_auroc([1.0, 2.0], [True, False], [0, 1])))
+    with pytest.raises(ValueError, match="one shape"):
+        tasks.stratified_auroc([1.0, 2.0], [True, False], [0])
+
+
 def test_tpr_at_fpr_hand_counted():
     # 200 negatives at 0..199, so 1% FPR allows 2 above the threshold: t = 197.
     neg = np.arange(200.0)

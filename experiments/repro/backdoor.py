@@ -42,6 +42,17 @@ B2. detection carries over to an unseen trigger and to an unseen target: on each
     model with the highest mean AUROC there is above 0.5 (the same test) and at least
     0.6. Which model is best is named only when the test says it is above every other
     (else "not distinguishable").
+B3. the attacks that took are detected beyond their learning rate: attacks take mostly
+    at high learning rates, so the AUROC of clean LoRAs against those is largely a
+    learning-rate detector. The *learning-rate-matched* AUROC counts only (poisoned,
+    clean) pairs whose learning rates lie in the same quarter decade
+    (:func:`gllora.train.tasks.stratified_auroc`, :data:`LR_STRATUM`). The model with the
+    highest mean matched AUROC must be above 0.5 (its seeds and the matched AUROC's own
+    null spread, at 5% divided by the number of models), else the finding does not
+    hold; then it holds where that model is significantly above the learning rate's own
+    matched AUROC (what is left of the confounder inside a quarter decade), is "not
+    distinguishable" where its mean is above it inside the noise, and does not hold
+    where it is not above it.
 """
 
 from __future__ import annotations
@@ -69,6 +80,9 @@ DETECTION = ("detect", "unseen_trigger", "unseen_target")
 RATE_BINS = (0.01, 0.027, 0.074, 0.2)
 PROBE = "probe"
 PROBE_NAME = "Linear probe on spectral stats (arXiv 2602.15195)"
+#: Width of the learning-rate strata (decades of ``log10_learning_rate``) of the
+#: learning-rate-matched AUROC (B3): eight strata over the family's two decades.
+LR_STRATUM = 0.25
 #: Plot colours beside :data:`experiments.repro.plots.COLORS` (the paper's five).
 PEER_COLORS = {"w2t": "tab:purple", "spectral": "tab:brown", "glnet_seq": "tab:pink", PROBE: "k"}
 DATASET = registry.DatasetSpec("backdoors", "backdoors")
@@ -225,19 +239,31 @@ def probe(views: dict[str, str]) -> dict[str, dict[str, Any]]:
 # -- TPR at 1% FPR against the poison rate ------------------------------------------
 
 
+def lr_strata(log10_lr: np.ndarray) -> np.ndarray:
+    """The learning-rate stratum of each LoRA: its quarter decade (:data:`LR_STRATUM`)."""
+    return np.floor(np.asarray(log10_lr, np.float64) / LR_STRATUM).astype(np.int64)
+
+
 def curve(
-    scores: np.ndarray, positive: np.ndarray, rates: np.ndarray, took: np.ndarray | None = None
+    scores: np.ndarray,
+    positive: np.ndarray,
+    rates: np.ndarray,
+    took: np.ndarray | None = None,
+    log10_lr: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Per seed and bin of :data:`RATE_BINS`, the TPR at 1% FPR of ``scores [S, N]``.
 
     The threshold is set on all the negatives (one per seed), the TPR counted among the
     positives whose poison rate ``rates [N]`` falls in each bin (rates outside the range
     go to the first or last bin). With ``took [N]`` (``attack_took``), also the AUROC of
-    the clean LoRAs against the poisoned ones whose attack took.
+    the clean LoRAs against the poisoned ones whose attack took; with ``log10_lr [N]``
+    too, that AUROC learning-rate-matched (B3: pairs within a stratum of
+    :func:`lr_strata` only) and its spread under no signal.
 
     Returns:
       ``{"tpr": [S][B] (NaN for an empty bin), "counts": [B]}``, with ``took``
-      ``"auroc_took": [S]`` and ``"num_took"`` too.
+      ``"auroc_took": [S]`` and ``"num_took"`` too, with ``log10_lr``
+      ``"auroc_took_matched": [S]`` and ``"matched_null_sd"``.
     """
     scores, positive = np.atleast_2d(np.asarray(scores, np.float64)), np.asarray(positive, bool)
     edges = np.asarray(RATE_BINS)
@@ -262,6 +288,11 @@ def curve(
         sel = ~positive | took
         out["auroc_took"] = [tasks_lib.auroc(s[sel], took[sel]) for s in scores]
         out["num_took"] = int(took.sum())
+        if log10_lr is not None:
+            strata = lr_strata(log10_lr)[sel]
+            matched = [tasks_lib.stratified_auroc(s[sel], took[sel], strata) for s in scores]
+            out["auroc_took_matched"] = [a for a, _ in matched]
+            out["matched_null_sd"] = matched[0][1]
     return out
 
 
@@ -277,7 +308,8 @@ def rate_curve(workdir: str) -> dict[str, Any]:
     ids = np.sort(ds.splits["test"])
     scores = analysis.batched_outputs(predictor, ds, ids)[:, :, 0]
     lab = ds.labels
-    return curve(scores, lab["backdoored"][ids], lab["poison_rate"][ids], lab["attack_took"][ids])
+    return curve(scores, lab["backdoored"][ids], lab["poison_rate"][ids], lab["attack_took"][ids],
+                 lab["log10_learning_rate"][ids])  # fmt: skip
 
 
 def probe_curve(results: dict, path: str) -> dict[str, Any]:
@@ -287,8 +319,9 @@ def probe_curve(results: dict, path: str) -> dict[str, Any]:
     ids = np.asarray(results["test_ids"])
     lab = ds.labels
     return curve(
-        results["scores"], lab["backdoored"][ids], lab["poison_rate"][ids], lab["attack_took"][ids]
-    )
+        results["scores"], lab["backdoored"][ids], lab["poison_rate"][ids],
+        lab["attack_took"][ids], lab["log10_learning_rate"][ids],
+    )  # fmt: skip
 
 
 # -- report ---------------------------------------------------------------------------
@@ -333,8 +366,11 @@ def table(results: dict, curves: dict, info: dict) -> str:
     models = [m for m in results.get("detect", {}) if m != PROBE] + [PROBE]
     took = next((c["num_took"] for c in curves.values() if "num_took" in c), None)
     cols = ["model"] + [label for _, _, label in COLUMNS]
+    matched = any("auroc_took_matched" in c for c in curves.values())
     if took is not None:
         cols.insert(4, f"AUROC, attacks that took ({took})")
+        if matched:
+            cols.insert(5, "same, LR-matched")
     rows = []
     for model in models:
         cells = []
@@ -342,8 +378,11 @@ def table(results: dict, curves: dict, info: dict) -> str:
             s = _stat(results, task, model, key)
             cells.append(fmt((s["mean"], s["std"])) if s else "-")
         if took is not None:
-            a = np.asarray(curves.get(model, {}).get("auroc_took", [np.nan]), np.float64)
-            cells.insert(3, "n/a" if np.all(np.isnan(a)) else fmt((np.nanmean(a), np.nanstd(a))))
+            for pos, key in ((3, "auroc_took"), (4, "auroc_took_matched"))[: 1 + matched]:
+                a = np.asarray(curves.get(model, {}).get(key, [np.nan]), np.float64)
+                cells.insert(
+                    pos, "n/a" if np.all(np.isnan(a)) else fmt((np.nanmean(a), np.nanstd(a)))
+                )
         if any(c != "-" for c in cells):
             rows.append([_name(model), *cells])
     held = info.get("held_out", {})
@@ -362,7 +401,14 @@ def table(results: dict, curves: dict, info: dict) -> str:
             "LoRAs, TPR at 1% FPR is the TPR at no false alarm."
             + (
                 " The attacks that take are mostly those of high learning rates: the "
-                f"learning rate alone scores AUROC {info['lr_auroc_took']:.3f} against them."
+                f"learning rate alone scores AUROC {info['lr_auroc_took']:.3f} against them"
+                + (
+                    f", and {info['lr_auroc_took_matched']:.3f} LR-matched (pairs within a "
+                    f"stratum of {LR_STRATUM:g} decade only: rule B3)"
+                    if "lr_auroc_took_matched" in info
+                    else ""
+                )
+                + "."
                 if "lr_auroc_took" in info
                 else ""
             )
@@ -436,26 +482,70 @@ def _runs(results: dict, task: str) -> dict:
     return {task: {m: r for m, r in results.get(task, {}).items()}}
 
 
-def above_chance(values: np.ndarray, classes, num_models: int) -> tuple[bool, float]:
+def above_chance(
+    values: np.ndarray, classes, num_models: int, null_sd: float | None = None
+) -> tuple[bool, float]:
     """Whether per-seed AUROCs ``values`` of the best of ``num_models`` models are above
     0.5: ``(significant, p)``, ``p`` the larger of the seeds' one-sided t-test and the
     test-set one (``classes = (num_pos, num_neg)``: under no signal the AUROC has mean
     1/2 and variance ``(P + N + 1) / (12 P N)``, the Mann-Whitney null; the seeds share
-    the test set, so this bounds the seed mean's too), at ``ALPHA / num_models``
-    (Bonferroni: the best of several models is picked)."""
+    the test set, so this bounds the seed mean's too; or that spread given as
+    ``null_sd``, as for a stratified AUROC), at ``ALPHA / num_models`` (Bonferroni: the
+    best of several models is picked)."""
     from scipy import stats
 
     values = np.asarray(values, np.float64)
     p = findings_lib.p_greater(values, np.asarray([0.5]))
     if classes is not None:
         n_pos, n_neg = classes
-        sd = np.sqrt((n_pos + n_neg + 1) / (12.0 * n_pos * n_neg))
-        p = max(p, float(stats.norm.sf((values.mean() - 0.5) / sd)))
+        null_sd = np.sqrt((n_pos + n_neg + 1) / (12.0 * n_pos * n_neg))
+    if null_sd is not None:
+        p = max(p, float(stats.norm.sf((values.mean() - 0.5) / null_sd)))
     return bool(p < findings_lib.ALPHA / max(num_models, 1)), p
 
 
-def findings(results: dict, models, size: str = "quick", classes=None) -> list[dict]:
-    """The findings B1 and B2 (module docstring), verdicts by :mod:`findings`' rules.
+def matched_finding(curves: dict, models, lr_matched: float) -> dict:
+    """B3 (module docstring): the attacks that took, detected beyond the learning rate.
+
+    ``curves``: ``{model: curve()}`` of the detection runs; ``lr_matched``: the learning
+    rate's own matched AUROC on the same test LoRAs (:func:`info`).
+    """
+    vals = {}
+    for m in models:
+        v = np.asarray(curves.get(m, {}).get("auroc_took_matched", []), np.float64)
+        if v.size and not np.all(np.isnan(v)):
+            vals[m] = v[~np.isnan(v)]
+    flags, lines = [], []
+    if vals:
+        lines.append("LR-matched AUROC, attacks that took: " + ", ".join(
+            f"{_name(m)} {v.mean():.3f}" for m, v in sorted(vals.items(), key=lambda x: -x[1].mean())
+        ))  # fmt: skip
+        top = max(vals, key=lambda m: vals[m].mean())
+        v = vals[top]
+        above, p_chance = above_chance(v, None, len(vals), curves[top]["matched_null_sd"])
+        flag = above
+        lines.append(f"{_name(top)} above 0.5: {'yes' if above else 'no'} (p = {p_chance:.3f}, "
+                     f"needs < {findings_lib.ALPHA:g} / {len(vals)})")  # fmt: skip
+        if not np.isnan(lr_matched):
+            p = findings_lib.p_greater(v, np.asarray([lr_matched]))
+            if above and p >= findings_lib.ALPHA:
+                flag = None if v.mean() > lr_matched else False
+            lines.append(f"{_name(top)} {v.mean():.3f} vs the learning rate alone "
+                         f"{lr_matched:.3f} (LR-matched too): one-sided p = {p:.3f}")  # fmt: skip
+        flags.append(flag)
+    return findings_lib._finding(
+        "Poisoned LoRAs whose attack took are detected beyond their learning rate "
+        "(learning-rate-matched AUROC)",
+        flags,
+        lines,
+    )
+
+
+def findings(
+    results: dict, models, size: str = "quick", classes=None, curves=None, info=None
+) -> list[dict]:
+    """The findings B1, B2 and (with ``curves`` and ``info``) B3 (module docstring),
+    verdicts by :mod:`findings`' rules.
 
     ``classes``: ``{task: (positives, negatives)}`` of the test splits (:func:`info`'s
     ``test_classes``); without it, chance is judged on the seeds alone.
@@ -509,6 +599,8 @@ def findings(results: dict, models, size: str = "quick", classes=None) -> list[d
         "Detection carries over to an unseen trigger and to an unseen target", flags, lines
     )
     found = [b1, b2]
+    if curves is not None and info is not None and "lr_auroc_took_matched" in info:
+        found.append(matched_finding(curves, models, info["lr_auroc_took_matched"]))
     if size == "tiny":
         for f in found:
             f["verdict"] = findings_lib.NOT_JUDGED
@@ -536,10 +628,12 @@ def info(path: str, views: dict[str, str]) -> dict[str, Any]:
     sel = ~poisoned[test] | took
     lr = ds.labels["log10_learning_rate"][test]
     lr_auroc = tasks_lib.auroc(lr[sel], took[sel]) if took.any() else float("nan")
+    lr_matched, _ = tasks_lib.stratified_auroc(lr[sel], took[sel], lr_strata(lr[sel]))
     return {
         "num_test": num_test,
         "test_classes": {t: classes[t] for t in DETECTION},
         "lr_auroc_took": lr_auroc,
+        "lr_auroc_took_matched": lr_matched,
         "num_poisoned": int(poisoned.sum()),
         "num_not_taken": int(np.sum(poisoned & ~ds.labels["attack_took"].astype(bool))),
         "held_out": {

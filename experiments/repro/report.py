@@ -138,7 +138,9 @@ def write(state: dict[str, Any]) -> str:
         from experiments.repro import backdoor
 
         b = state["backdoor"]
-        found += backdoor.findings(b["results"], models, size.name, b["info"]["test_classes"])
+        found += backdoor.findings(
+            b["results"], models, size.name, b["info"]["test_classes"], b["curves"], b["info"]
+        )
         images.append(backdoor.plot(state["backdoor"]["curves"], out))
     state["findings"] = found
     import jax

@@ -243,6 +243,44 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def stratified_auroc(
+    scores: np.ndarray, positive: np.ndarray, strata: np.ndarray
+) -> tuple[float, float]:
+    """AUROC over the (positive, negative) pairs of the same stratum only, and its spread
+    under no signal.
+
+    The probability that a positive scores above a negative *of its own stratum* (a tie
+    counts one half): ``sum_s U_s / sum_s P_s N_s``, ``U_s`` the Mann-Whitney statistic of
+    stratum ``s`` with ``P_s`` positives and ``N_s`` negatives. A score that only tells the
+    strata apart (a confounder binned into them) gets 0.5 in expectation, whatever its
+    plain AUROC. Under no signal within strata each ``U_s`` has variance
+    ``P_s N_s (P_s + N_s + 1) / 12`` and the strata are independent, so the standard
+    deviation is ``sqrt(sum_s P_s N_s (P_s + N_s + 1) / 12) / sum_s P_s N_s``.
+
+    Returns:
+      ``(auroc, null_sd)``; both NaN when no stratum holds both classes.
+    """
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    strata = np.asarray(strata)
+    if not scores.shape == positive.shape == strata.shape:
+        raise ValueError(
+            f"stratified_auroc: scores {list(scores.shape)}, positive {list(positive.shape)} "
+            f"and strata {list(strata.shape)} must have one shape"
+        )
+    u = pairs = var = 0.0
+    for s in np.unique(strata):
+        sel = strata == s
+        n_pos, n_neg = int(positive[sel].sum()), int((~positive[sel]).sum())
+        if n_pos == 0 or n_neg == 0:
+            continue
+        u += auroc(scores[sel], positive[sel]) * n_pos * n_neg
+        pairs += n_pos * n_neg
+        var += n_pos * n_neg * (n_pos + n_neg + 1) / 12.0
+    if pairs == 0:
+        return float("nan"), float("nan")
+    return u / pairs, float(np.sqrt(var) / pairs)
+
+
 def tpr_at_fpr(scores: np.ndarray, positive: np.ndarray, fpr: float) -> float:
     """The highest true-positive rate of a threshold rule ``score > t`` whose
     false-positive rate on these negatives is at most ``fpr``.
