@@ -11,7 +11,9 @@ agree: the same run, computed in another place).
         [--models=mlp_svd,mlp_oalign] [--epochs=5] [--rounds=2]
 
 A rank-32 digit-subset dataset (``python -m data_gen.digit_subsets --size=quick``) is
-where the per-step Jacobi solves cost the most.
+where the per-step Jacobi solves cost the most. ``--featurizers_only`` times just the
+two featurizers (jitted, a batch of 32 random LoRAs of the digit-subset shape: 4 modules,
+``[128, 32]`` factors) beside a Gram matrix of the same factors, no dataset needed.
 """
 
 from __future__ import annotations
@@ -21,8 +23,32 @@ import statistics
 import tempfile
 import time
 
+import jax
+import numpy as np
+
 from experiments.configs import default
+from gllora import features, linalg
 from gllora.train import train_and_evaluate
+
+
+def time_featurizers(batch: int = 32, rounds: int = 5) -> None:
+    rng = np.random.default_rng(0)
+    u = jax.numpy.asarray(rng.normal(size=(batch, 4, 128, 32)), jax.numpy.float32)
+    v = jax.numpy.asarray(rng.normal(size=(batch, 4, 128, 32)), jax.numpy.float32)
+    u_t, v_t = u[0], v[0]
+    fns = {
+        "singular values (refine=u)": lambda u, v: features.singular_values(u, v),
+        "O-Align (Procrustes + rotation)": lambda u, v: features.oalign(u, v, u_t, v_t),
+        "Gram matrices alone": lambda u, v: (linalg.gram(u), linalg.gram(v)),
+    }
+    for name, fn in fns.items():
+        fn = jax.jit(fn)
+        jax.block_until_ready(fn(u, v))
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            jax.block_until_ready(fn(u, v))
+        ms = (time.perf_counter() - t0) / rounds * 1e3
+        print(f"{name}: {ms:.1f} ms per batch of {batch} LoRAs", flush=True)
 
 
 def one_run(dataset: str, target: str, model: str, epochs: int, precompute: bool) -> tuple:
@@ -38,12 +64,18 @@ def one_run(dataset: str, target: str, model: str, epochs: int, precompute: bool
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--dataset")
+    parser.add_argument("--featurizers_only", action="store_true")
     parser.add_argument("--target", default="membership")
     parser.add_argument("--models", default="mlp_svd,mlp_oalign")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    if args.featurizers_only:
+        time_featurizers()
+        return
+    if not args.dataset:
+        parser.error("--dataset is required (or --featurizers_only)")
     for model in args.models.split(","):
         times = {True: [], False: []}
         losses = {}
