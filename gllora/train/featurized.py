@@ -3,7 +3,8 @@
 MLP + SVD's singular values and MLP + O-Align's aligned factors are fixed functions of
 a LoRA (and of O-Align's template, a constant of each seed): recomputing them every
 step and epoch repeats the same Jacobi solves ``num_epochs`` times, and at rank 32 they
-cost about 100x the rest of a step (BUILD_NOTES.md, "Features computed once"). A
+cost 100-400 times the Gram matrices of the same factors (BUILD_NOTES.md, "Features
+computed once"). A
 :class:`FeatureSource` computes them once for a split, with the run's own jitted
 featurizer (:func:`gllora.train.steps.featurize`: the same function the model applies
 inline, so the outputs are the same to rounding), keeps them in host memory, and hands

@@ -125,6 +125,11 @@ def _rms(x: np.ndarray, count: float) -> float:
     return math.sqrt(float((x.astype(np.float64) ** 2).sum()) / max(count, 1.0))
 
 
+def _variables(params, consts) -> dict[str, Any]:
+    """The model's variables: its parameters and every constant but the input scales."""
+    return {"params": params, **{k: v for k, v in consts.items() if k != "input_scale"}}
+
+
 def apply(
     setup: Setup,
     params,
@@ -140,7 +145,7 @@ def apply(
     ``consts`` holds the input scales and the model's non-parameter collections (its
     ``lora_spec`` record, O-Align's template).
     """
-    variables = {"params": params, **{k: v for k, v in consts.items() if k != "input_scale"}}
+    variables = _variables(params, consts)
     ahead = isinstance(lora, models.Featurized)  # features computed ahead (featurize)
     if ahead:
         lora = jax.tree_util.tree_map(lambda x: x.astype(setup.dtype), lora)
@@ -281,10 +286,10 @@ def featurize(setup: Setup, params, consts, batch: Lora, layout: str) -> models.
     axes = batch_axes(batch, layout)
 
     def per_seed(p, c):
-        variables = {"params": p, **{k: v for k, v in c.items() if k != "input_scale"}}
         one = lambda x: setup.model.apply(
-            variables, scale_input(x.astype(setup.dtype), c["input_scale"]), features_only=True
-        )
+            _variables(p, c), scale_input(x.astype(setup.dtype), c["input_scale"]),
+            features_only=True,
+        )  # fmt: skip
         return jax.vmap(one, in_axes=(axes,))(batch)
 
     return jax.vmap(per_seed)(params, consts)
