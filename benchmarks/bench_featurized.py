@@ -1,11 +1,11 @@
 """Training with the features computed once per run against computing them at every step.
 
-MLP + SVD and MLP + O-Align (the models whose features have no parameters) train on a
-dataset folder with ``config.precompute_features`` on and off, the two alternating in
-one process, round after round; each run is a whole ``train_and_evaluate`` (data,
-compilation, epochs, the final evaluation) in a fresh workdir. Prints each run's wall
-time, the median per setting and their ratio, and the test loss of both (they must
-agree: the same run, computed in another place).
+MLP + SVD, MLP + O-Align, Spectral and W2T (the models whose features have no
+parameters) train on a dataset folder with ``config.precompute_features`` on and off,
+the two alternating in one process, round after round; each run is a whole
+``train_and_evaluate`` (data, compilation, epochs, the final evaluation) in a fresh
+workdir. Prints each run's wall time, the median per setting and their ratio, and the
+test loss of both (they must agree: the same run, computed in another place).
 
     python -m benchmarks.bench_featurized --dataset=DIR [--target=membership]
         [--models=mlp_svd,mlp_oalign] [--epochs=5] [--rounds=2]

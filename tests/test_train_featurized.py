@@ -24,10 +24,12 @@ def data(tmp_path_factory):
 
 
 def test_only_the_models_without_feature_parameters_say_so():
-    assert {m for m in models.names() if models.fixed_features(m)} == {"mlp_svd", "mlp_oalign"}
+    assert {m for m in models.names() if models.fixed_features(m)} == {
+        "mlp_svd", "mlp_oalign", "spectral", "w2t"
+    }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["mlp_svd", "mlp_oalign"])
+@pytest.mark.parametrize("name", ["mlp_svd", "mlp_oalign", "spectral", "w2t"])
 def test_featurized_input_gives_the_lora_input_outputs(name):
     """``features_only`` then the model on them is the model on the LoRA: the same
     operations on the same values in one program, so equal to float32 rounding of a
@@ -41,8 +43,13 @@ def test_featurized_input_gives_the_lora_input_outputs(name):
     np.testing.assert_allclose(
         model.apply(variables, feats), model.apply(variables, lora), rtol=1e-5, atol=1e-6
     )
-    other = testing.random_lora(jax.random.PRNGKey(2), {"a": (12, 9), "c": (7, 10)}, 3)
-    with pytest.raises(ValueError, match="differ"):  # checked where the features are made
+    if name == "spectral":  # any structure of known types; an unknown type is refused
+        other = testing.random_lora(jax.random.PRNGKey(2), {"a": (12, 9), "d": (7, 10)}, 3)
+        match = "not seen"
+    else:
+        other = testing.random_lora(jax.random.PRNGKey(2), {"a": (12, 9), "c": (7, 10)}, 3)
+        match = "differ"
+    with pytest.raises(ValueError, match=match):  # checked where the features are made
         model.apply(variables, other, features_only=True)
     with pytest.raises(ValueError, match="initialise with a Lora"):
         model.init(jax.random.PRNGKey(1), feats)
@@ -65,6 +72,8 @@ _WORKER = textwrap.dedent(
     config = default.get_config("tiny")
     config.update(dataset=data, progress=False, model=model, num_seeds=2, num_epochs=2,
                   dtype="float64", precompute_features=precompute == "1")
+    if model == "w2t":  # its token augmentation draws at every step, after the features
+        config.models.w2t.token_augment = 0.5
     results = train_and_evaluate(config, workdir)
     print(json.dumps({"test_loss": [s["test"]["loss"] for s in results["per_seed"]],
                       "feature_sources": len(built)}))
@@ -82,12 +91,17 @@ def _run_float64(data, workdir, model, precompute):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["mlp_svd", "mlp_oalign"])
+@pytest.mark.parametrize(
+    "name",
+    ["mlp_svd", "mlp_oalign"]
+    + [pytest.param(m, marks=pytest.mark.slow) for m in ("spectral", "w2t")],
+)
 def test_a_run_with_features_computed_once_equals_the_run_computing_them_each_step(
     name, data, tmp_path
 ):
     """Two epochs, two seeds, dropout on: the same test losses whether the features are
-    computed once (three FeatureSources: train, validation, test) or at every step.
+    computed once (three FeatureSources: train, validation, test) or at every step
+    (W2T: with its token augmentation, which acts after the features).
 
     In float64, so that the comparison is not at the mercy of float32 rounding carried
     through AdamW's division by ``sqrt(nu) + eps`` (see test_parallel's sharded-step test):

@@ -35,11 +35,14 @@ class Featurized:
     """The first layer's inputs of ONE LoRA (or a batch of them, on leading axes),
     computed ahead of the model: what :meth:`_MlpOn.features` and the extras give.
 
-    ``keys`` name the groups (static); ``values[i]`` is ``[..., k_i, F_i]``.
+    ``keys`` name the groups (static); ``values[i]`` is ``[..., k_i, F_i]`` for the MLPs
+    (other models document their own: Spectral's per module type, W2T's canonical tokens).
+    ``spec``: the LoRA's structure, for models that need its module names (W2T), else None.
     """
 
     keys: tuple[str, ...] = flax.struct.field(pytree_node=False)
     values: tuple[Array, ...]
+    spec: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 class _MlpOn(nn.Module):

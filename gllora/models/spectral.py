@@ -20,6 +20,11 @@ target it is logistic regression.
 Because parameters are per type (``kernel_<type>``), not per module, the same
 parameters apply to LoRAs with any number of layers: the model takes any structure
 whose types it has seen (a type it has not seen is an error).
+
+The statistics have no parameters (``fixed_features``): ``model.apply(variables, lora,
+features_only=True)`` returns them per type as a :class:`~gllora.models.mlp.Featurized`
+(keys the types, values ``[5 or 10]``), and the engine computes them once per run
+instead of a rank-32 Jacobi solve per module at every step.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import jax.numpy as jnp
 from gllora import features
 from gllora.lora import Lora
 from gllora.models import module_names as names_lib
+from gllora.models.mlp import Featurized
 
 Array = jax.Array
 
@@ -113,26 +119,39 @@ class Spectral(nn.Module):
 
     batch_layout: ClassVar[str] = "leading"
     any_structure: ClassVar[bool] = True
+    #: The statistics are a fixed function of the LoRA: the engine may compute them once.
+    fixed_features: ClassVar[bool] = True
 
     num_outputs: int
     aggregate: str = "mean"
 
     @nn.compact
-    def __call__(self, lora: Lora, train: bool = False) -> Array:
+    def __call__(
+        self, lora: Lora | Featurized, train: bool = False, features_only: bool = False
+    ) -> Array | Featurized:
         del train  # no dropout: a linear model
         if self.aggregate not in ("mean", "mean_max"):
             raise ValueError(
                 f"Spectral: aggregate must be 'mean' or 'mean_max', got {self.aggregate!r}"
             )
-        if lora.u[0].ndim != 3:
-            raise ValueError(
-                f"models take ONE LoRA (u [k, n, r]); got u {list(lora.u[0].shape)}. "
-                "Batch with jax.vmap(model.apply, in_axes=(None, 0))."
-            )
-        if lora.spec.extras:
-            raise ValueError("Spectral takes no extra inputs (DoRA magnitudes); drop them first")
-        feats = type_features(lora, self.aggregate)
+        if isinstance(lora, Featurized):  # computed ahead by features_only=True
+            if self.is_initializing():
+                raise ValueError("Spectral: initialise with a Lora, not Featurized")
+            feats = dict(zip(lora.keys, lora.values))
+        else:
+            if lora.u[0].ndim != 3:
+                raise ValueError(
+                    f"models take ONE LoRA (u [k, n, r]); got u {list(lora.u[0].shape)}. "
+                    "Batch with jax.vmap(model.apply, in_axes=(None, 0))."
+                )
+            if lora.spec.extras:
+                raise ValueError(
+                    "Spectral takes no extra inputs (DoRA magnitudes); drop them first"
+                )
+            feats = type_features(lora, self.aggregate)
         check_types(self, feats)
+        if features_only:
+            return Featurized(tuple(feats), tuple(feats.values()))
         width = NUM_STATS * (2 if self.aggregate == "mean_max" else 1)
         fan_in = width * len(feats)
         out = self.param("bias", nn.initializers.zeros, (self.num_outputs,))

@@ -31,6 +31,11 @@ random joint sign flips, each with a probability; as an engine option
 nothing for invariant models) and inside this model (``token_augment``, on the canonical
 tokens, where the authors apply it: it breaks the sign convention and teaches the model
 not to rely on it).
+
+The canonical form has no parameters (``fixed_features``): ``model.apply(variables, lora,
+features_only=True)`` returns it as a :class:`~gllora.models.mlp.Featurized` (per group
+``U, V, s, live``, ``live`` as 0/1), which the engine computes once per run; the token
+augmentation acts after it, so it still draws afresh at every step.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import jax.numpy as jnp
 from gllora import layers, linalg
 from gllora.lora import Lora
 from gllora.models import module_names as names_lib
+from gllora.models.mlp import Featurized
 
 Array = jax.Array
 
@@ -157,6 +163,8 @@ class W2T(nn.Module):
     """
 
     batch_layout: ClassVar[str] = "leading"
+    #: The canonical tokens are a fixed function of the LoRA: computed once per run.
+    fixed_features: ClassVar[bool] = True
 
     num_outputs: int
     hidden: int = 128
@@ -171,10 +179,25 @@ class W2T(nn.Module):
     absolute_scale: bool = True
 
     @nn.compact
-    def __call__(self, lora: Lora, train: bool = False) -> Array:
-        if lora.spec.extras:
-            raise ValueError("W2T takes no extra inputs (DoRA magnitudes); drop them first")
-        layers.check_input(self, lora)
+    def __call__(
+        self, lora: Lora | Featurized, train: bool = False, features_only: bool = False
+    ) -> Array | Featurized:
+        if isinstance(lora, Featurized):  # computed ahead by features_only=True
+            if self.is_initializing():
+                raise ValueError("W2T: initialise with a Lora, not Featurized")
+            spec, x = lora.spec, lora.values
+            canon = [(*x[i : i + 3], x[i + 3] > 0) for i in range(0, len(x), 4)]
+        else:
+            if lora.spec.extras:
+                raise ValueError("W2T takes no extra inputs (DoRA magnitudes); drop them first")
+            layers.check_input(self, lora)
+            spec = lora.spec
+            canon = [canonical_form(*m) for m in zip(lora.u, lora.v, lora.rank)]
+            if features_only:
+                keys = tuple(f"{g.key}:{part}" for g in spec.groups for part in "UVsl")
+                values = tuple(x for big_u, big_v, s, live in canon
+                               for x in (big_u, big_v, s, live.astype(s.dtype)))  # fmt: skip
+                return Featurized(keys, values, spec)
         H = self.hidden
         rank_block = _Block(H, self.heads, name="rank_block")
         queries = self.param("pool_queries", nn.initializers.normal(1.0), (self.queries, H))
@@ -183,8 +206,8 @@ class W2T(nn.Module):
         pool_out = nn.Dense(H, name="pool_out")
         pool_norm = nn.LayerNorm(name="pool_norm")
         tokens = []
-        for g, u, v, rank in zip(lora.spec.groups, lora.u, lora.v, lora.rank):
-            big_u, big_v, s, live = canonical_form(u, v, rank)  # [k, n, r], [k, m, r], [k, r]
+        for g, (big_u, big_v, s, live) in zip(spec.groups, canon):
+            # big_u [k, n, r], big_v [k, m, r], s and live [k, r]
             if train and self.token_augment > 0:
                 big_u, big_v = random_perm_sign(
                     self.make_rng("dropout"), big_u, big_v, jnp.sum(live, -1), self.token_augment
@@ -213,9 +236,9 @@ class W2T(nn.Module):
             pooled = jnp.einsum("kqr,krh->kqh", _masked_softmax(logits, live[:, None, :]), x)
             tokens.append(nn.gelu(pool_norm(pool_out(pooled.reshape(k, -1)))))
         x = jnp.concatenate(tokens)  # [L, H], modules in group order
-        order = [name for g in lora.spec.groups for name in g.names]
-        layer_of = names_lib.layer_indices(lora.spec.order)
-        types = names_lib.types_in_order(lora.spec.order)
+        order = [name for g in spec.groups for name in g.names]
+        layer_of = names_lib.layer_indices(spec.order)
+        types = names_lib.types_in_order(spec.order)
         x = x + nn.Embed(max(layer_of.values()) + 1, H, name="layer_embed")(
             jnp.asarray([layer_of[n] for n in order])
         )

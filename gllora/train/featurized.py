@@ -4,7 +4,8 @@ MLP + SVD's singular values and MLP + O-Align's aligned factors are fixed functi
 a LoRA (and of O-Align's template, a constant of each seed): recomputing them every
 step and epoch repeats the same Jacobi solves ``num_epochs`` times, and at rank 32 they
 cost 100-400 times the Gram matrices of the same factors (BUILD_NOTES.md, "Features
-computed once"). A
+computed once"); so do the peers Spectral (singular-value statistics) and W2T (canonical
+tokens). A
 :class:`FeatureSource` computes them once for a split, with the run's own jitted
 featurizer (:func:`gllora.train.steps.featurize`: the same function the model applies
 inline, so the outputs are the same to rounding), keeps them in host memory, and hands
