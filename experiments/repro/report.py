@@ -29,14 +29,15 @@ SUMMARY = (
 def summary(state: dict[str, Any]) -> str:
     """The compact results table printed at the end: main test metric, mean ± std."""
     runs, models = state["runs"], state["models"]
-    header = f"{'model':<14}" + "".join(f"{label:>17}" for _, _, label in SUMMARY)
+    width = max(len(paper.MODEL_NAMES[m]) for m in models) + 1 if models else 14
+    header = f"{'model':<{width}}" + "".join(f"{label:>17}" for _, _, label in SUMMARY)
     lines = [header]
     for model in models:
         cells = []
         for exp, key, _ in SUMMARY:
             v = tables.stat(runs, exp, model, "test", key)
             cells.append(f"{v[0]:>9.3f} ± {v[1]:.3f}" if v else f"{'-':>17}")
-        lines.append(f"{paper.MODEL_NAMES[model]:<14}" + "".join(f"{c:>17}" for c in cells))
+        lines.append(f"{paper.MODEL_NAMES[model]:<{width}}" + "".join(f"{c:>17}" for c in cells))
     return "\n".join(lines)
 
 
