@@ -53,6 +53,11 @@ def test_featurized_input_gives_the_lora_input_outputs(name):
         model.apply(variables, other, features_only=True)
     with pytest.raises(ValueError, match="initialise with a Lora"):
         model.init(jax.random.PRNGKey(1), feats)
+    if name == "w2t":  # another model's features are refused, not misread
+        svd = models.build("mlp_svd", num_outputs=2)
+        foreign = svd.apply(svd.init(jax.random.PRNGKey(1), lora), lora, features_only=True)
+        with pytest.raises(ValueError, match="not W2T's canonical form"):
+            model.apply(variables, foreign)
 
 
 _WORKER = textwrap.dedent(

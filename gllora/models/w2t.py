@@ -186,6 +186,12 @@ class W2T(nn.Module):
             if self.is_initializing():
                 raise ValueError("W2T: initialise with a Lora, not Featurized")
             spec, x = lora.spec, lora.values
+            if spec is None or len(x) != 4 * len(spec.groups):
+                raise ValueError(
+                    f"W2T: Featurized input with keys {list(lora.keys)} is not W2T's canonical "
+                    "form (U, V, s, live per group, with the spec); make it with "
+                    "features_only=True"
+                )
             canon = [(*x[i : i + 3], x[i + 3] > 0) for i in range(0, len(x), 4)]
         else:
             if lora.spec.extras:
