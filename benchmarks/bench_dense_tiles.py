@@ -1,0 +1,103 @@
+"""MLP+Dense's first layer: the factored GEMM gllora uses against products formed in row tiles.
+
+Issue 17's open question. The first layer is ``h = sum_k vec(u_k v_k^T) @ W_k`` at the
+Qwen2-1.5B k/v shape (56 modules, ``u [256, 4]``, ``v [1536, 4]``, ``W_k [256 * 1536, 16]``).
+Two ways to compute it for a batch of ``B`` LoRAs:
+
+- factored (:func:`gllora.product_dense.product_dense`, what the model runs): ``T = W^T u``
+  per module, ``2 B r I J h`` FLOPs: 22.5 GFLOP per batch of 8, whatever the batch;
+- products in row tiles (a prototype here, not in the library): for each module and each
+  tile of ``T`` rows of ``u``, the products ``[B, T, J]`` (small enough to stay in cache)
+  then one ``[B, T J] @ [T J, h]`` GEMM: ``2 B I J (r + h)`` FLOPs, ``r h / (r + h) = 3.2``
+  times fewer, and the kernel read once per batch. It needs the kernel in the dense
+  ``[k, I J, h]`` layout (:func:`gllora.product_dense.as_dense_kernel`), not the model's.
+
+Prints LoRAs per second of each (jitted, the two alternating round after round in one
+process) at each batch size, their ratio, and the largest relative difference of the
+outputs (float32 sums in another order: ~1e-7 relative to the largest output).
+
+    python -m benchmarks.bench_dense_tiles [--batches 8,32] [--tiles 16,32] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from gllora import product_dense
+
+K, I, J, R, H = 56, 256, 1536, 4, 16
+
+
+def factored(u: jax.Array, v: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``u [B, K, I, R]``, ``v [B, K, J, R]``, ``kernel [K, J H, I]`` -> ``[B, H]``."""
+    return jax.vmap(product_dense.product_dense, in_axes=(0, 0, None))(u, v, kernel)
+
+
+def tiled_products(u: jax.Array, v: jax.Array, dense: jax.Array, tile: int) -> jax.Array:
+    """The same sum from products formed ``tile`` rows at a time; ``dense [K, I J, H]``."""
+    batch = u.shape[0]
+    # [K, I / tile, B, tile, R]: one module's tiles in turn, each with the whole batch.
+    u_tiles = jnp.moveaxis(u, 1, 0).reshape(K, batch, I // tile, tile, R).swapaxes(1, 2)
+    kernel_tiles = dense.reshape(K, I // tile, tile * J, H)
+
+    def module(args):
+        u_k, v_k, w_k = args  # [I / tile, B, tile, R], [B, J, R], [I / tile, tile J, H]
+
+        def one_tile(tile_args):
+            u_t, w_t = tile_args
+            p = jnp.einsum("bir,bjr->bij", u_t, v_k).reshape(batch, -1)  # [B, tile J]
+            return p @ w_t
+
+        return lax.map(one_tile, (u_k, w_k)).sum(0)
+
+    return lax.map(module, (u_tiles, jnp.moveaxis(v, 1, 0), kernel_tiles)).sum(0)
+
+
+def _rate(fn, args, batch: int, seconds: float) -> float:
+    jax.block_until_ready(fn(*args))
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or calls < 3:
+        jax.block_until_ready(fn(*args))
+        calls += 1
+    return batch * calls / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", default="8,32")
+    parser.add_argument("--tiles", default="16,32")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    kernel = jnp.asarray(rng.normal(size=(K, J * H, I)).astype(np.float32) * 1e-3)
+    dense = jax.block_until_ready(product_dense.as_dense_kernel(kernel, J))
+    for batch in (int(b) for b in args.batches.split(",")):
+        u = jnp.asarray(rng.normal(size=(batch, K, I, R)).astype(np.float32) * 1e-2)
+        v = jnp.asarray(rng.normal(size=(batch, K, J, R)).astype(np.float32) * 1e-2)
+        fns = {"factored": (jax.jit(factored), (u, v, kernel))}
+        for tile in (int(t) for t in args.tiles.split(",")):
+            fn = jax.jit(lambda u, v, w, tile=tile: tiled_products(u, v, w, tile))
+            fns[f"tiles of {tile} rows"] = (fn, (u, v, dense))
+        ref = fns["factored"][0](*fns["factored"][1])
+        rates: dict[str, list[float]] = {name: [] for name in fns}
+        for r in range(args.rounds):
+            for name in fns if r % 2 == 0 else reversed(fns):
+                fn, fn_args = fns[name]
+                rates[name].append(_rate(fn, fn_args, batch, args.seconds))
+        base = float(np.median(rates["factored"]))
+        for name, (fn, fn_args) in fns.items():
+            rel = float(jnp.max(jnp.abs(fn(*fn_args) - ref)) / jnp.max(jnp.abs(ref)))
+            rate = float(np.median(rates[name]))
+            print(f"batch {batch}: {name}: {rate:.1f} LoRAs/s ({rate / base:.2f}x factored), "
+                  f"max relative difference {rel:.1e}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
