@@ -4,8 +4,8 @@ Issue 17's open question. The first layer is ``h = sum_k vec(u_k v_k^T) @ W_k`` 
 Qwen2-1.5B k/v shape (56 modules, ``u [256, 4]``, ``v [1536, 4]``, ``W_k [256 * 1536, 16]``).
 Two ways to compute it for a batch of ``B`` LoRAs:
 
-- factored (:func:`gllora.product_dense.product_dense`, what the model runs): ``T = W^T u``
-  per module, ``2 B r I J h`` FLOPs: 22.5 GFLOP per batch of 8, whatever the batch;
+- factored (:func:`gllora.product_dense.product_dense`, what the model runs, on the
+  rank-major batch the engine feeds it): ``T = W^T u`` per module, ``2 B r I J h`` FLOPs: 22.5 GFLOP per batch of 8, whatever the batch;
 - products in row tiles (a prototype here, not in the library): for each module and each
   tile of ``T`` rows of ``u``, the products ``[B, T, J]`` (small enough to stay in cache)
   then one ``[B, T J] @ [T J, h]`` GEMM: ``2 B I J (r + h)`` FLOPs, ``r h / (r + h) = 3.2``
@@ -35,8 +35,10 @@ K, I, J, R, H = 56, 256, 1536, 4, 16
 
 
 def factored(u: jax.Array, v: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``u [B, K, I, R]``, ``v [B, K, J, R]``, ``kernel [K, J H, I]`` -> ``[B, H]``."""
-    return jax.vmap(product_dense.product_dense, in_axes=(0, 0, None))(u, v, kernel)
+    """``u [K, I, B, R]``, ``v [K, J, B, R]`` (rank-major, the layout the engine feeds
+    MLP+Dense, where the batched GEMM needs no transpose), ``kernel [K, J H, I]`` ->
+    ``[B, H]``."""
+    return jax.vmap(product_dense.product_dense, in_axes=(2, 2, None))(u, v, kernel)
 
 
 def tiled_products(u: jax.Array, v: jax.Array, dense: jax.Array, tile: int) -> jax.Array:
@@ -81,7 +83,8 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         u = jnp.asarray(rng.normal(size=(batch, K, I, R)).astype(np.float32) * 1e-2)
         v = jnp.asarray(rng.normal(size=(batch, K, J, R)).astype(np.float32) * 1e-2)
-        fns = {"factored": (jax.jit(factored), (u, v, kernel))}
+        rank_major = jax.block_until_ready((jnp.moveaxis(u, 0, 2), jnp.moveaxis(v, 0, 2)))
+        fns = {"factored": (jax.jit(factored), (*rank_major, kernel))}
         for tile in (int(t) for t in args.tiles.split(",")):
             fn = jax.jit(lambda u, v, w, tile=tile: tiled_products(u, v, w, tile))
             fns[f"tiles of {tile} rows"] = (fn, (u, v, dense))
