@@ -20,9 +20,10 @@ from typing import Any
 
 import flax.linen as nn
 
+from gllora.models.featurized import Featurized
 from gllora.models.glnet import GLNet, GLNetTrunk
 from gllora.models.glnet_seq import GLNetSeq
-from gllora.models.mlp import Featurized, Mlp, MlpDense, MlpOAlign, MlpSvd
+from gllora.models.mlp import Mlp, MlpDense, MlpOAlign, MlpSvd
 from gllora.models.spectral import Spectral
 from gllora.models.w2t import W2T
 

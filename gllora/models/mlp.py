@@ -15,12 +15,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from gllora import features, layers, product_dense
 from gllora.lora import Lora
+from gllora.models.featurized import Featurized
 
 Array = jax.Array
 
@@ -28,21 +28,6 @@ Array = jax.Array
 def _flatten_pair(u: Array, v: Array) -> Array:
     """``[k, n, r], [k, m, r] -> [k, (n + m) r]``."""
     return jnp.concatenate([u.reshape(u.shape[0], -1), v.reshape(v.shape[0], -1)], 1)
-
-
-@flax.struct.dataclass
-class Featurized:
-    """The first layer's inputs of ONE LoRA (or a batch of them, on leading axes),
-    computed ahead of the model: what :meth:`_MlpOn.features` and the extras give.
-
-    ``keys`` name the groups (static); ``values[i]`` is ``[..., k_i, F_i]`` for the MLPs
-    (other models document their own: Spectral's per module type, W2T's canonical tokens).
-    ``spec``: the LoRA's structure, for models that need its module names (W2T), else None.
-    """
-
-    keys: tuple[str, ...] = flax.struct.field(pytree_node=False)
-    values: tuple[Array, ...]
-    spec: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 class _MlpOn(nn.Module):

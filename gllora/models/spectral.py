@@ -22,7 +22,7 @@ parameters apply to LoRAs with any number of layers: the model takes any structu
 whose types it has seen (a type it has not seen is an error).
 
 The statistics have no parameters (``fixed_features``): ``model.apply(variables, lora,
-features_only=True)`` returns them per type as a :class:`~gllora.models.mlp.Featurized`
+features_only=True)`` returns them per type as a :class:`~gllora.models.featurized.Featurized`
 (keys the types, values ``[5 or 10]``), and the engine computes them once per run
 instead of a rank-32 Jacobi solve per module at every step.
 """
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from gllora import features
 from gllora.lora import Lora
 from gllora.models import module_names as names_lib
-from gllora.models.mlp import Featurized
+from gllora.models.featurized import Featurized
 
 Array = jax.Array
 

@@ -33,7 +33,7 @@ tokens, where the authors apply it: it breaks the sign convention and teaches th
 not to rely on it).
 
 The canonical form has no parameters (``fixed_features``): ``model.apply(variables, lora,
-features_only=True)`` returns it as a :class:`~gllora.models.mlp.Featurized` (per group
+features_only=True)`` returns it as a :class:`~gllora.models.featurized.Featurized` (per group
 ``U, V, s, live``, ``live`` as 0/1), which the engine computes once per run; the token
 augmentation acts after it, so it still draws afresh at every step.
 """
@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from gllora import layers, linalg
 from gllora.lora import Lora
 from gllora.models import module_names as names_lib
-from gllora.models.mlp import Featurized
+from gllora.models.featurized import Featurized
 
 Array = jax.Array
 
