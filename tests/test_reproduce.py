@@ -16,7 +16,7 @@ import pytest
 from scipy.special import comb
 
 from experiments.configs import paper as paper_config
-from experiments.repro import analysis, paper, registry, report, runner, timing
+from experiments.repro import analysis, paper, registry, report, runner, timing, tuning, workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -329,6 +329,45 @@ def test_any_structure_table_reads_mix_and_per_structure_runs():
     assert "--base_configs=default,deep,wide,mid" in cmd and "--holdout=mid" in cmd
 
 
+@pytest.mark.parametrize("model", ["glnet", "w2t"])
+def test_sweep_picks_the_best_of_all_its_trials(monkeypatch, tmp_path, model):
+    # A fake trainer whose validation loss is lowest at learning rate 1e-3 and weight
+    # decay 1e-3 (W2T's recipe, off the {0, 1e-2} grid). The coordinate sweep must end on
+    # the lowest loss it measured; before the second stage included the starting weight
+    # decay, W2T's sweep ended on wd 0 (loss 0.7) after measuring 0.5 in its first stage.
+    losses = {0.0: 0.7, 1e-3: 0.5, 1e-2: 0.8}
+
+    def fake_training(config, workdir):
+        loss = losses[config.weight_decay] + abs(np.log10(config.learning_rate) + 3)
+        results = {
+            "targets": ["y"],
+            "summary": {
+                "validation": {"loss": {"mean": loss, "std": 0.0}},
+                "test": {"y": {"r2": {"mean": 0.0, "std": 0.0}}},
+            },
+        }
+        return results, 1.0, workdir
+
+    monkeypatch.setattr(runner, "run_training", fake_training)
+    monkeypatch.setattr(workers, "make_config", lambda e, m, s, d, o: _Config(o))
+    out = tuning.sweep_pair("quality", model, "unused", str(tmp_path))
+    trials = out["trials"].values()
+    best = min(trials, key=lambda t: t["val_loss"])
+    assert out["val_loss"] == best["val_loss"]
+    assert out["chosen"]["learning_rate"] == 1e-3
+    start = paper_config.hparams("quality", model, tuned=False)["weight_decay"]
+    assert out["chosen"]["weight_decay"] == (1e-3 if start == 1e-3 else 0.0)
+    assert len(trials) == (7 if model == "w2t" else 6)
+
+
+class _Config:
+    """The fields of a training config the fake trainer reads."""
+
+    def __init__(self, overrides):
+        self.learning_rate = overrides["learning_rate"]
+        self.weight_decay = overrides["weight_decay"]
+
+
 def test_tuned_hparams_are_the_stored_sweeps_best_trials():
     # Every tuned pair of configs/paper.py is the lowest mean validation loss among the
     # trials stored in configs/sweep_quick.json (the coordinate sweep's final pick is the
@@ -340,11 +379,15 @@ def test_tuned_hparams_are_the_stored_sweeps_best_trials():
         for model, chosen in per.items():
             trials = sweeps[experiment][model]["trials"].values()
             best = min(trials, key=lambda t: t["val_loss"])
-            assert len(trials) == chosen["trials"] == 6, (experiment, model)
+            start = paper_config.hparams(experiment, model, tuned=False)["weight_decay"]
+            count = 5 + len(tuning.weight_decays(start)) - 1  # stage 2 repeats stage 1's best
+            assert len(trials) == chosen["trials"] == count, (experiment, model)
             assert best["hparams"]["learning_rate"] == chosen["learning_rate"]
             assert best["hparams"]["weight_decay"] == chosen["weight_decay"]
             assert abs(best["val_loss"] - chosen["val_loss"]) < 5e-5  # stored to 4 decimals
-            assert paper_config.hparams(experiment, model)["chosen_by"].startswith("sweep: 6")
+            assert paper_config.hparams(experiment, model)["chosen_by"].startswith(
+                f"sweep: {count} trials"
+            )
     untuned = [(e, m) for e in paper_config.FAMILY for m in paper.MODELS
                if m not in paper_config.HPARAMS.get(e, {})]  # fmt: skip
     for e, m in untuned:

@@ -8,10 +8,13 @@ authors' where they published one, else the model's defaults) and the family's b
 
 1. learning rate in the paper's grid {5e-5, 1e-4, 5e-4, 1e-3, 5e-3} (the linear spectral
    head a decade higher: {5e-4, 1e-3, 5e-3, 1e-2, 5e-2}: it moves ~lr per step);
-2. weight decay {0, 1e-2} at the best learning rate.
+2. weight decay {0, 1e-2} at the best learning rate, and the pair's starting weight
+   decay where it is neither (W2T's recipe: 1e-3), so that the second stage compares
+   against the first stage's winner and the final pick is the best of all trials.
 
 Each stage keeps the value with the lowest mean validation loss (the loss of each
-seed's best epoch): 6 trials per pair, every trial stored (``DIR/sweep.json``, and each
+seed's best epoch): 6 trials per pair (7 where the starting weight decay is off the
+grid), every trial stored (``DIR/sweep.json``, and each
 run's folder under ``DIR/trials``). Architectures are not swept: they follow the authors
 (GL-net's depth and width per family are settled by the study of
 ``python -m experiments.glnet_study``).
@@ -29,6 +32,11 @@ LEARNING_RATES = (5e-5, 1e-4, 5e-4, 1e-3, 5e-3)
 LINEAR_LEARNING_RATES = (5e-4, 1e-3, 5e-3, 1e-2, 5e-2)
 WEIGHT_DECAYS = (0.0, 1e-2)
 SWEEP_SEEDS = 2
+
+
+def weight_decays(start: float) -> tuple[float, ...]:
+    """The second stage's grid: :data:`WEIGHT_DECAYS` and the pair's starting value."""
+    return tuple(sorted({*WEIGHT_DECAYS, float(start)}))
 
 
 def tag(h: dict[str, Any]) -> str:
@@ -78,7 +86,8 @@ def sweep_pair(experiment: str, model: str, data: str, out: str) -> dict[str, An
         return trials[name]["val_loss"]
 
     rates = LINEAR_LEARNING_RATES if model == "spectral" else LEARNING_RATES
-    for key, values in (("learning_rate", rates), ("weight_decay", WEIGHT_DECAYS)):
+    decays = weight_decays(best["weight_decay"])
+    for key, values in (("learning_rate", rates), ("weight_decay", decays)):
         candidates = []
         for value in values:
             h = json.loads(json.dumps(best))
