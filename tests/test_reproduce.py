@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -270,6 +271,46 @@ def test_tiny_reproduction_writes_every_table_and_plot_and_resumes(tmp_path):
     statuses = {c["status"] for c in again["log"].commands}
     assert statuses == {"reused"}, statuses
     assert again["runs"]["attributes"]["glnet"] == state["runs"]["attributes"]["glnet"]
+
+
+def test_a_finished_run_follows_its_dataset_content_not_its_path(monkeypatch, tmp_path):
+    # A run finished on one dataset folder is reused from a copy of that folder (another
+    # reproduction's), retrained when a byte of the copy changes, and a run recorded by
+    # the dataset's path (before content digests) is still reused.
+    from gllora import train
+
+    trained = []
+
+    def fake_train(config, workdir):
+        trained.append(config.dataset)
+        results = {"targets": ["y"], "trained_on": config.dataset}
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f)
+        return results
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    first = tmp_path / "a" / "data" / "personas"
+    (first / "shards").mkdir(parents=True)
+    (first / "labels.csv").write_text("id,y\n0,1.5\n")
+    (first / "shards" / "00000.safetensors").write_bytes(b"\x00" * 64)
+    copy = tmp_path / "b" / "data" / "personas"
+    shutil.copytree(first, copy)
+    run = lambda data, workdir: runner.run_training(
+        workers.make_config("quality", "mlp", "tiny", str(data)), str(tmp_path / workdir)
+    )
+    assert run(first, "run")[2] == "trained"
+    assert run(copy, "run")[2] == "reused" and trained == [str(first)]
+    (copy / "shards" / "00000.safetensors").write_bytes(b"\x00" * 63 + b"\x01")
+    assert run(copy, "run")[2] == "retrained" and trained[-1] == str(copy)
+    # A fingerprint written with the path: reused, and rewritten with the digest.
+    with open(tmp_path / "run" / "repro.json") as f:
+        recorded = json.load(f)
+    recorded["dataset"] = str(copy)
+    with open(tmp_path / "run" / "repro.json", "w") as f:
+        json.dump(recorded, f)
+    assert run(copy, "run")[2] == "reused" and len(trained) == 2
+    with open(tmp_path / "run" / "repro.json") as f:
+        assert json.load(f)["dataset"] == runner.dataset_digest(str(copy))
 
 
 def test_unknown_experiment_model_or_part_fails_before_any_work(tmp_path):

@@ -11,6 +11,7 @@ Layout of the output folder ``DIR``::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -121,8 +122,42 @@ def ensure_dataset(
 # -- training runs -------------------------------------------------------------------
 
 
+#: Digests already computed in this process, keyed on each file's inode, size and times.
+_DIGESTS: dict[tuple, str] = {}
+
+
+def dataset_digest(path: str) -> str:
+    """``"sha256:<hex>"`` over a dataset folder's file names and bytes.
+
+    A run's fingerprint names its dataset by this digest, not by its path, so a folder
+    moved or copied into another reproduction keeps its finished runs, and a dataset
+    regenerated in place with other content does not. Each file is read once per process
+    (the digest is remembered against every file's inode, size, modification and change
+    times).
+    """
+    path = os.path.abspath(path)
+    names = sorted(
+        os.path.relpath(os.path.join(folder, name), path)
+        for folder, _, files in os.walk(path)
+        for name in files
+    )
+    stats = [os.stat(os.path.join(path, n)) for n in names]
+    stamps = tuple(
+        (n, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for n, st in zip(names, stats)
+    )
+    key = (path, stamps)
+    if key not in _DIGESTS:
+        total = hashlib.sha256()
+        for name in names:
+            with open(os.path.join(path, name), "rb") as f:
+                total.update(name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+        _DIGESTS[key] = "sha256:" + total.hexdigest()
+    return _DIGESTS[key]
+
+
 def _fingerprint(config) -> dict[str, Any]:
-    """What decides a run's results (compared before a finished run is reused)."""
+    """What decides a run's results (compared before a finished run is reused); the
+    dataset is named by its content (:func:`dataset_digest`)."""
     keys = [
         "dataset",
         "targets",
@@ -140,6 +175,7 @@ def _fingerprint(config) -> dict[str, Any]:
     ]
     out = {k: config[k] for k in keys}
     out["targets"] = list(out["targets"])
+    out["dataset"] = dataset_digest(config.dataset)
     out["hparams"] = dict(config.models[config.model])
     return json.loads(json.dumps(out, default=str))
 
@@ -165,6 +201,10 @@ def run_training(config, workdir: str) -> tuple[dict[str, Any], float, str]:
     if os.path.exists(fp_path):
         with open(fp_path) as f:
             old = json.load(f)
+        if old["dataset"] == config.dataset:  # recorded by path, before content digests
+            old["dataset"] = fingerprint["dataset"]
+            with open(fp_path, "w") as f:
+                json.dump(old, f, indent=1)
     if old is not None and old != fingerprint:
         shutil.rmtree(workdir + ".old", ignore_errors=True)
         os.replace(workdir, workdir + ".old")
