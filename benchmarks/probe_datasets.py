@@ -6,7 +6,10 @@ prints a markdown table of test scores beside chance:
 - ``raw``: the flattened factors ``u``, ``v`` of every module (not GL(r)-invariant);
 - ``dense``: the flattened products ``u v^T`` (invariant, ``sum n * m`` features);
 - ``svals``: the singular values of every ``u v^T`` (invariant, ``sum r`` features),
-  from the ``r x r`` core of two thin QRs, never the ``n x m`` matrix.
+  from the ``r x r`` core of two thin QRs, never the ``n x m`` matrix;
+- ``spectral``: the spectral detector's statistics (5 per module type, averaged over
+  the type's modules: :mod:`gllora.models.spectral`), the inputs of the ``spectral``
+  model, so its probe is the best a linear head on them reaches here.
 
 Probes: features standardised on the training split; logistic regression (sklearn,
 L2, ``C=1``) per column for binary and multi-label targets (mean per-label accuracy),
@@ -33,11 +36,13 @@ from absl import app, flags
 
 from gllora.io import dataset
 
-FEATURES = ("raw", "dense", "svals")
+FEATURES = ("raw", "dense", "svals", "spectral")
 
 
 def featurize(ds: dataset.Dataset, kind: str, batch: int = 256) -> np.ndarray:
     """Features ``[N, d]`` float32 of every LoRA of ``ds`` (see the module docstring)."""
+    if kind == "spectral":
+        return _spectral_statistics(ds, batch)
     rows = []
     for start in range(0, ds.num_examples, batch):
         factors = ds.factors(range(start, min(start + batch, ds.num_examples)))
@@ -56,6 +61,26 @@ def featurize(ds: dataset.Dataset, kind: str, batch: int = 256) -> np.ndarray:
                 raise ValueError(f"unknown feature kind {kind!r}; known: {FEATURES}")
         rows.append(np.concatenate(parts, axis=1).astype(np.float32))
     return np.concatenate(rows)
+
+
+def _spectral_statistics(ds: dataset.Dataset, batch: int) -> np.ndarray:
+    """The ``spectral`` model's own features (``features_only``), ``[N, 5 * types]``."""
+    import jax
+    import jax.numpy as jnp
+
+    from gllora import models
+
+    model = models.build("spectral", 1)
+    variables = model.init(jax.random.PRNGKey(0), ds.get(0))
+    def one(lora):
+        return jnp.concatenate(model.apply(variables, lora, features_only=True).values)
+
+    stats = jax.jit(jax.vmap(one))
+    rows = [
+        np.asarray(stats(ds.batch(np.arange(start, min(start + batch, ds.num_examples)))))
+        for start in range(0, ds.num_examples, batch)
+    ]
+    return np.concatenate(rows).astype(np.float32)
 
 
 def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
