@@ -72,6 +72,7 @@ def _spectral_statistics(ds: dataset.Dataset, batch: int) -> np.ndarray:
 
     model = models.build("spectral", 1)
     variables = model.init(jax.random.PRNGKey(0), ds.get(0))
+
     def one(lora):
         return jnp.concatenate(model.apply(variables, lora, features_only=True).values)
 

@@ -14,8 +14,8 @@ authors' where they published one, else the model's defaults) and the family's b
 
 Each stage keeps the value with the lowest mean validation loss (the loss of each
 seed's best epoch): 6 trials per pair (7 where the starting weight decay is off the
-grid), every trial stored (``DIR/sweep.json``, and each
-run's folder under ``DIR/trials``). Architectures are not swept: they follow the authors
+grid), every trial stored (``DIR/sweep.json``, and each run's folder under
+``DIR/trials``). Architectures are not swept: they follow the authors
 (GL-net's depth and width per family are settled by the study of
 ``python -m experiments.glnet_study``).
 """
