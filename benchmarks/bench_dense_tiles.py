@@ -16,7 +16,16 @@ Prints LoRAs per second of each (jitted, the two alternating round after round i
 process) at each batch size, their ratio, and the largest relative difference of the
 outputs (float32 sums in another order: ~1e-7 relative to the largest output).
 
+``--skinny`` measures instead the product route's bound on its own: the contraction of
+a batch's products with the kernel, ``[B, I J] @ [I J, h]`` per module (``B = 8``,
+``h = 16``, ``I J = 393,216``), which reads each kernel entry once and does 4 FLOPs per
+4 bytes read, so it should run at the machine's read bandwidth. Each way to write it
+(jitted; and numpy's BLAS) is timed on 8 modules (200 MB, past the cache) beside a plain
+jitted sum over the same kernel, and printed as GB/s of kernel read and the LoRAs/s
+that rate would give at 56 modules, products excluded.
+
     python -m benchmarks.bench_dense_tiles [--batches 8,32] [--tiles 16,32] [--rounds 2]
+    python -m benchmarks.bench_dense_tiles --skinny
 """
 
 from __future__ import annotations
@@ -70,13 +79,64 @@ def _rate(fn, args, batch: int, seconds: float) -> float:
     return batch * calls / (time.perf_counter() - t0)
 
 
+def skinny(seconds: float, batch: int = 8, modules: int = 8) -> None:
+    """GB/s of kernel read of each way to write ``[B, I J] @ [I J, h]`` (see the module
+    docstring), beside a streaming sum over the same kernel."""
+    rng = np.random.default_rng(0)
+    feats = I * J
+    p = rng.normal(size=(modules, batch, feats)).astype(np.float32)
+    w = rng.normal(size=(modules, feats, H)).astype(np.float32)
+    w_t = np.ascontiguousarray(np.swapaxes(w, 1, 2))  # [m, h, I J]
+    p_t = np.ascontiguousarray(np.swapaxes(p, 1, 2))  # [m, I J, B]
+
+    def chunks(p, w, size=J):  # a batched dot over chunks of the contraction, then a sum
+        n = feats // size
+        dims = (((3,), (2,)), ((0, 2), (0, 1)))
+        pc, wc = p.reshape(modules, batch, n, size), w.reshape(modules, n, size, H)
+        return lax.dot_general(pc, wc, dims).sum(1)
+
+    ways = {
+        "streaming sum over the kernel": (lambda p, w: jnp.sum(w, axis=1), (p, w)),
+        "[B, IJ] @ [IJ, h]": (lambda p, w: jnp.einsum("mbk,mkc->mbc", p, w), (p, w)),
+        "[B, IJ] . [h, IJ] (both IJ-minor)": (
+            lambda p, w: jnp.einsum("mbk,mck->mbc", p, w), (p, w_t)),
+        "[h, IJ] @ [IJ, B]": (lambda p, w: jnp.einsum("mkb,mck->mbc", p, w), (p_t, w_t)),
+        f"batched dot over chunks of {J}": (chunks, (p, w)),
+        "broadcast product, summed": (
+            lambda p, w: jnp.sum(p[..., None] * w[:, None], axis=2), (p, w)),
+    }  # fmt: skip
+    for name, (fn, args) in ways.items():
+        fn, args = jax.jit(fn), [jnp.asarray(x) for x in args]
+        _report_skinny(name, lambda: jax.block_until_ready(fn(*args)), seconds, w.nbytes, batch)
+    _report_skinny(
+        "numpy (BLAS) [B, IJ] @ [IJ, h]", lambda: [p[m] @ w[m] for m in range(modules)],
+        seconds, w.nbytes, batch,
+    )  # fmt: skip
+
+
+def _report_skinny(name: str, fn, seconds: float, kernel_bytes: int, batch: int) -> None:
+    fn()
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or calls < 3:
+        fn()
+        calls += 1
+    dt = (time.perf_counter() - t0) / calls
+    modules = kernel_bytes // (I * J * H * 4)
+    print(f"{name:36s} {dt * 1e3:7.1f} ms for {modules} modules: {kernel_bytes / dt / 1e9:5.1f} "
+          f"GB/s of kernel, {batch / (dt * K / modules):6.1f} LoRAs/s at {K} modules", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="8,32")
     parser.add_argument("--tiles", default="16,32")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--skinny", action="store_true", help="the product route's GEMM alone")
     args = parser.parse_args()
+    if args.skinny:
+        skinny(args.seconds)
+        return
     rng = np.random.default_rng(0)
     kernel = jnp.asarray(rng.normal(size=(K, J * H, I)).astype(np.float32) * 1e-3)
     dense = jax.block_until_ready(product_dense.as_dense_kernel(kernel, J))
