@@ -106,21 +106,16 @@ def skinny(seconds: float, batch: int = 8, modules: int = 8) -> None:
             lambda p, w: jnp.sum(p[..., None] * w[:, None], axis=2), (p, w)),
     }  # fmt: skip
     for name, (fn, args) in ways.items():
-        fn, args = jax.jit(fn), [jnp.asarray(x) for x in args]
-        _report_skinny(name, lambda: jax.block_until_ready(fn(*args)), seconds, w.nbytes, batch)
-    _report_skinny(
-        "numpy (BLAS) [B, IJ] @ [IJ, h]", lambda: [p[m] @ w[m] for m in range(modules)],
-        seconds, w.nbytes, batch,
-    )  # fmt: skip
+        _report_skinny(name, jax.jit(fn), [jnp.asarray(x) for x in args], seconds, w.nbytes, batch)
+
+    def blas(p, w):
+        return [p[m] @ w[m] for m in range(modules)]
+
+    _report_skinny("numpy (BLAS) [B, IJ] @ [IJ, h]", blas, (p, w), seconds, w.nbytes, batch)
 
 
-def _report_skinny(name: str, fn, seconds: float, kernel_bytes: int, batch: int) -> None:
-    fn()
-    calls, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or calls < 3:
-        fn()
-        calls += 1
-    dt = (time.perf_counter() - t0) / calls
+def _report_skinny(name: str, fn, args, seconds: float, kernel_bytes: int, batch: int) -> None:
+    dt = 1 / _rate(fn, args, 1, seconds)  # seconds per call
     modules = kernel_bytes // (I * J * H * 4)
     print(f"{name:36s} {dt * 1e3:7.1f} ms for {modules} modules: {kernel_bytes / dt / 1e9:5.1f} "
           f"GB/s of kernel, {batch / (dt * K / modules):6.1f} LoRAs/s at {K} modules", flush=True)  # fmt: skip
