@@ -19,7 +19,14 @@ kernel, 1.41 GB) and a large matmul's FLOP/s, the two limits a step can meet.
 PyTorch is not a dependency of gllora: point ``--torch_python`` at an interpreter that
 has it (``pip install torch==2.13.0`` in a separate venv).
 
+``--device=gpu`` runs both sides on the GPU (JAX's default device there, ``cuda`` for
+PyTorch, synchronised after each call) and reports device memory instead of resident
+memory: PyTorch's peak allocated since the phase began, JAX's peak in use since the
+process began (JAX has no reset, so its figure includes building the model and its
+state). On a machine whose ``python3`` holds both JAX and PyTorch:
+
     python -m benchmarks.bench_dense [--seconds 6] [--rounds 3] [--torch_python PYTHON]
+    python3 -m benchmarks.bench_dense --device=gpu --torch_python=python3
 """
 
 from __future__ import annotations
@@ -60,6 +67,10 @@ def _rate(fn, seconds: float) -> float:
     return B * calls / (time.perf_counter() - t0)
 
 
+#: "cpu" or "gpu" (``--device``), set once per process before any measurement.
+_DEVICE = ["cpu"]
+
+
 def _reset_peak() -> None:
     """Starts the phase's peak afresh (Linux: ``5`` to ``clear_refs`` resets ``VmHWM`` to
     the current resident size), so set-up transients (a random initialiser) do not count;
@@ -67,6 +78,10 @@ def _reset_peak() -> None:
     glibc keeps, ``malloc_trim``), on both sides alike. On the JAX side also the compiled
     set-up programs: XLA folds the random initialiser's counters into constants, so the
     init executable alone holds several GB while it is cached."""
+    if _DEVICE[0] == "gpu":
+        if "torch" in sys.modules:
+            sys.modules["torch"].cuda.reset_peak_memory_stats()
+        return
     _SETUP_PEAK[0] = _hwm_gb()  # ru_maxrss too: clear_refs resets both
     if "jax" in sys.modules:
         sys.modules["jax"].clear_caches()
@@ -88,6 +103,11 @@ def _peaks() -> dict:
     """``peak_gb``: the most resident since :func:`_reset_peak` (everything resident counts:
     parameters, optimiser state, inputs, the runtime); ``setup_peak_gb``: before it
     (building the model and its state; ``ru_maxrss`` up to then)."""
+    if _DEVICE[0] == "gpu":
+        if "torch" in sys.modules:
+            return {"peak_gb": sys.modules["torch"].cuda.max_memory_allocated() / GB}
+        stats = sys.modules["jax"].devices()[0].memory_stats() or {}
+        return {"peak_gb": stats.get("peak_bytes_in_use", float("nan")) / GB}
     return {"peak_gb": _hwm_gb(), "setup_peak_gb": _SETUP_PEAK[0]}
 
 
@@ -98,15 +118,17 @@ def torch_side(phase: str, seconds: float) -> dict:
     import torch
 
     torch.manual_seed(0)
-    u, v = (torch.from_numpy(x) for x in _factors())
+    dev = "cuda" if _DEVICE[0] == "gpu" else "cpu"
+    u, v = (torch.from_numpy(x).to(dev) for x in _factors())
     layers, width = [], K * N * M
     for _ in range(2):
         layers += [torch.nn.Linear(width, H), torch.nn.LayerNorm(H), torch.nn.Dropout(0.1)]
         layers.append(torch.nn.ReLU())
         width = H
-    net = torch.nn.Sequential(*layers, torch.nn.Linear(H, 1))
+    net = torch.nn.Sequential(*layers, torch.nn.Linear(H, 1)).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
-    y = torch.zeros(B, 1)
+    y = torch.zeros(B, 1, device=dev)
+    sync = torch.cuda.synchronize if dev == "cuda" else lambda: None
 
     def forward():
         return net(torch.matmul(u, v.transpose(-1, -2)).reshape(B, -1))
@@ -115,12 +137,14 @@ def torch_side(phase: str, seconds: float) -> dict:
         net.eval()
         with torch.no_grad():
             forward()
+        sync()
 
     def train():
         net.train()
         opt.zero_grad()
         torch.mean((forward() - y) ** 2).backward()
         opt.step()
+        sync()
 
     rate = _rate(infer if phase == "infer" else train, seconds)
     return {"rate": rate, **_peaks(), "threads": torch.get_num_threads()}
@@ -273,7 +297,7 @@ LABELS = {
 def _child(args, name: str, phase: str) -> dict:
     python = args.torch_python if name == "torch" else sys.executable
     cmd = [python, "-m", "benchmarks.bench_dense", f"--only={name}:{phase}"]
-    cmd.append(f"--seconds={args.seconds}")
+    cmd += [f"--seconds={args.seconds}", f"--device={args.device}"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} {phase} failed:\n{proc.stderr[-3000:]}")
@@ -285,8 +309,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--torch_python", default=sys.executable)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    _DEVICE[0] = args.device
     if args.only:  # a child process: one JSON line
         name, phase = args.only.split(":")
         fn = machine if name == "machine" else CHILDREN[name]
@@ -326,7 +352,8 @@ def report(results: dict, limits: dict) -> None:
               + f" | {rates[1] / rates[0]:.2f}x | {rates[2] / rates[0]:.2f}x |")  # fmt: skip
     for phase in ("infer", "train"):
         peaks = [med(n, phase, "peak_gb") for n in CHILDREN]
-        print(f"| peak memory, {phase} (GB) | " + " | ".join(f"{x:.2f}" for x in peaks)
+        kind = "device memory" if _DEVICE[0] == "gpu" else "memory"
+        print(f"| peak {kind}, {phase} (GB) | " + " | ".join(f"{x:.2f}" for x in peaks)
               + f" | {peaks[1] / peaks[0]:.2f}x | {peaks[2] / peaks[0]:.2f}x |")  # fmt: skip
     # What a step must hold: the model's state, and one batch of products for comparison.
     params = KERNEL_BYTES / GB  # the first layer; the rest is ~1 KB
