@@ -23,8 +23,9 @@ has it (``pip install torch==2.13.0`` in a separate venv).
 PyTorch, synchronised after each call) and reports device memory instead of resident
 memory: PyTorch's peak allocated since the phase began, JAX's peak in use since the
 process began (JAX has no reset, so its figure includes building the model and its
-state). Products are full float32 on both sides (``JAX_DEFAULT_MATMUL_PRECISION=highest``
-in every child: a GPU may otherwise take TensorFloat-32 on the JAX side only). On a machine whose ``python3`` holds both JAX and PyTorch:
+state). Products are full float32 on both sides (the JAX children run with
+``JAX_DEFAULT_MATMUL_PRECISION=highest``: a GPU may otherwise take TensorFloat-32 on the
+JAX side only). On a machine whose ``python3`` holds both JAX and PyTorch:
 
     python -m benchmarks.bench_dense [--seconds 6] [--rounds 3] [--torch_python PYTHON]
     python3 -m benchmarks.bench_dense --device=gpu --torch_python=python3
@@ -80,8 +81,8 @@ def _reset_peak() -> None:
     glibc keeps, ``malloc_trim``), on both sides alike. On the JAX side also the compiled
     set-up programs: XLA folds the random initialiser's counters into constants, so the
     init executable alone holds several GB while it is cached."""
-    if _DEVICE[0] == "gpu":
-        if "torch" in sys.modules:
+    if _DEVICE[0] == "gpu":  # a child is one side: JAX's (no reset there) or PyTorch's
+        if "jax" not in sys.modules:
             sys.modules["torch"].cuda.reset_peak_memory_stats()
         return
     _SETUP_PEAK[0] = _hwm_gb()  # ru_maxrss too: clear_refs resets both
@@ -106,7 +107,7 @@ def _peaks() -> dict:
     parameters, optimiser state, inputs, the runtime); ``setup_peak_gb``: before it
     (building the model and its state; ``ru_maxrss`` up to then)."""
     if _DEVICE[0] == "gpu":
-        if "torch" in sys.modules:
+        if "jax" not in sys.modules:
             return {"peak_gb": sys.modules["torch"].cuda.max_memory_allocated() / GB}
         stats = sys.modules["jax"].devices()[0].memory_stats() or {}
         return {"peak_gb": stats.get("peak_bytes_in_use", float("nan")) / GB}

@@ -117,8 +117,9 @@ def skinny(seconds: float, batch: int = 8, modules: int = 8) -> None:
 def _report_skinny(name: str, fn, args, seconds: float, kernel_bytes: int, batch: int) -> None:
     dt = 1 / _rate(fn, args, 1, seconds)  # seconds per call
     modules = kernel_bytes // (I * J * H * 4)
+    rate = batch / (dt * K / modules)  # LoRAs/s at K modules
     print(f"{name:36s} {dt * 1e3:7.1f} ms for {modules} modules: {kernel_bytes / dt / 1e9:5.1f} "
-          f"GB/s of kernel, {batch / (dt * K / modules):6.1f} LoRAs/s at {K} modules", flush=True)  # fmt: skip
+          f"GB/s of kernel, {rate:6.1f} LoRAs/s at {K} modules", flush=True)  # fmt: skip
 
 
 def main() -> None:
