@@ -1,30 +1,39 @@
-"""MLP+Dense's first layer: the factored GEMM gllora uses against products formed in row tiles.
+"""MLP+Dense's first layer: the factored GEMM gllora uses against the dense products.
 
-Issue 17's open question. The first layer is ``h = sum_k vec(u_k v_k^T) @ W_k`` at the
-Qwen2-1.5B k/v shape (56 modules, ``u [256, 4]``, ``v [1536, 4]``, ``W_k [256 * 1536, 16]``).
-Two ways to compute it for a batch of ``B`` LoRAs:
+Issue 17's open question. The first layer is ``h = sum_k vec(a_k b_k^T) @ W_k`` at the
+Qwen2-1.5B k/v shape (56 modules, ``W_k [I * J, 16]``), in the model's own orientation:
+``a = v [I = 1536, 4]``, the longer side, which the factored GEMM contracts, and
+``b = u [J = 256, 4]`` (:class:`gllora.models.mlp.MLPDense` stores the kernel
+``[k, J h, I]``). Ways to compute it for a batch of ``B`` LoRAs:
 
 - factored (:func:`gllora.product_dense.product_dense`, what the model runs, on the
-  rank-major batch the engine feeds it): ``T = W^T u`` per module, ``2 B r I J h`` FLOPs: 22.5 GFLOP per batch of 8, whatever the batch;
-- products in row tiles (a prototype here, not in the library): for each module and each
-  tile of ``T`` rows of ``u``, the products ``[B, T, J]`` (small enough to stay in cache)
-  then one ``[B, T J] @ [T J, h]`` GEMM: ``2 B I J (r + h)`` FLOPs, ``r h / (r + h) = 3.2``
-  times fewer, and the kernel read once per batch. It needs the kernel in the dense
-  ``[k, I J, h]`` layout (:func:`gllora.product_dense.as_dense_kernel`), not the model's.
+  rank-major batch the engine feeds it): ``T = W^T a`` per module, ``2 B r I J h``
+  FLOPs: 22.5 GFLOP per batch of 8;
+- the products of one module at a time (a prototype here, not in the library), then one
+  ``[B, I J] @ [I J, h]`` GEMM per module, in ``lax.scan``: ``2 B I J (r + h)`` FLOPs,
+  ``r h / (r + h) = 3.2`` times fewer, the kernel read once per batch;
+- the products in row tiles of ``a`` (``[B, T, J]``, small enough to stay in cache),
+  each tile contracted with its slice of the kernel.
 
-Prints LoRAs per second of each (jitted, the two alternating round after round in one
-process) at each batch size, their ratio, and the largest relative difference of the
-outputs (float32 sums in another order: ~1e-7 relative to the largest output).
+The two product routes need the kernel in the dense ``[k, I J, h]`` layout
+(:func:`gllora.product_dense.as_dense_kernel`), not the model's. Each route is compiled
+twice: as XLA compiles it by default (jax 0.10.2 hands dots and some fusions to
+YNNPACK), and with YNNPACK's fusions off (the compile option
+``xla_cpu_experimental_ynn_fusion_type=""``, which sends dots to XLA's Eigen path).
+
+Prints LoRAs per second of each (jitted, alternating round after round in one process)
+at each batch size, the ratio to the factored GEMM, and the largest relative difference
+of the outputs (float32 sums in another order: ~1e-6 relative to the largest output).
 
 ``--skinny`` measures instead the product route's bound on its own: the contraction of
 a batch's products with the kernel, ``[B, I J] @ [I J, h]`` per module (``B = 8``,
-``h = 16``, ``I J = 393,216``), which reads each kernel entry once and does 4 FLOPs per
-4 bytes read, so it should run at the machine's read bandwidth. Each way to write it
-(jitted; and numpy's BLAS) is timed on 8 modules (200 MB, past the cache) beside a plain
-jitted sum over the same kernel, and printed as GB/s of kernel read and the LoRAs/s
-that rate would give at 56 modules, products excluded.
+``h = 16``, ``I J = 393,216``), which reads each kernel entry once and does ``2 B = 16``
+FLOPs per 4-byte entry, so it should run at the machine's read bandwidth. Each way to
+write it (jitted, both compilations; and numpy's BLAS) is timed on 8 modules (200 MB,
+past the cache) beside a plain jitted sum over the same kernel, and printed as GB/s of
+kernel read and the LoRAs/s that rate would give at 56 modules, products excluded.
 
-    python -m benchmarks.bench_dense_tiles [--batches 8,32] [--tiles 16,32] [--rounds 2]
+    python -m benchmarks.bench_dense_tiles [--batches 8,32] [--tiles 32] [--rounds 2]
     python -m benchmarks.bench_dense_tiles --skinny
 """
 
@@ -40,34 +49,55 @@ from jax import lax
 
 from gllora import product_dense
 
-K, I, J, R, H = 56, 256, 1536, 4, 16
+K, I, J, R, H = 56, 1536, 256, 4, 16
+
+#: The compile options of each compilation: XLA's default, and YNNPACK's fusions off.
+COMPILATIONS = {"": {}, ", YNNPACK off": {"xla_cpu_experimental_ynn_fusion_type": ""}}
 
 
-def factored(u: jax.Array, v: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``u [K, I, B, R]``, ``v [K, J, B, R]`` (rank-major, the layout the engine feeds
+def factored(a: jax.Array, b: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``a [K, I, B, R]``, ``b [K, J, B, R]`` (rank-major, the layout the engine feeds
     MLP+Dense, where the batched GEMM needs no transpose), ``kernel [K, J H, I]`` ->
     ``[B, H]``."""
-    return jax.vmap(product_dense.product_dense, in_axes=(2, 2, None))(u, v, kernel)
+    return jax.vmap(product_dense.product_dense, in_axes=(2, 2, None))(a, b, kernel)
 
 
-def tiled_products(u: jax.Array, v: jax.Array, dense: jax.Array, tile: int) -> jax.Array:
-    """The same sum from products formed ``tile`` rows at a time; ``dense [K, I J, H]``."""
-    batch = u.shape[0]
+def module_products(a: jax.Array, b: jax.Array, dense: jax.Array) -> jax.Array:
+    """The same sum from one module's products at a time: ``a [K, B, I, R]``,
+    ``b [K, B, J, R]``, ``dense [K, I J, H]``."""
+    batch = a.shape[1]
+
+    def step(total, args):
+        a_k, b_k, w_k = args
+        p = jnp.einsum("bir,bjr->bij", a_k, b_k).reshape(batch, I * J)
+        return total + p @ w_k, None
+
+    return lax.scan(step, jnp.zeros((batch, H), dense.dtype), (a, b, dense))[0]
+
+
+def tiled_products(a: jax.Array, b: jax.Array, dense: jax.Array, tile: int) -> jax.Array:
+    """The same sum from products formed ``tile`` rows of ``a`` at a time (layouts as
+    :func:`module_products`)."""
+    batch = a.shape[1]
     # [K, I / tile, B, tile, R]: one module's tiles in turn, each with the whole batch.
-    u_tiles = jnp.moveaxis(u, 1, 0).reshape(K, batch, I // tile, tile, R).swapaxes(1, 2)
+    a_tiles = a.reshape(K, batch, I // tile, tile, R).swapaxes(1, 2)
     kernel_tiles = dense.reshape(K, I // tile, tile * J, H)
 
     def module(args):
-        u_k, v_k, w_k = args  # [I / tile, B, tile, R], [B, J, R], [I / tile, tile J, H]
+        a_k, b_k, w_k = args  # [I / tile, B, tile, R], [B, J, R], [I / tile, tile J, H]
 
         def one_tile(tile_args):
-            u_t, w_t = tile_args
-            p = jnp.einsum("bir,bjr->bij", u_t, v_k).reshape(batch, -1)  # [B, tile J]
+            a_t, w_t = tile_args
+            p = jnp.einsum("bir,bjr->bij", a_t, b_k).reshape(batch, -1)  # [B, tile J]
             return p @ w_t
 
-        return lax.map(one_tile, (u_k, w_k)).sum(0)
+        return lax.map(one_tile, (a_k, w_k)).sum(0)
 
-    return lax.map(module, (u_tiles, jnp.moveaxis(v, 1, 0), kernel_tiles)).sum(0)
+    return lax.map(module, (a_tiles, b, kernel_tiles)).sum(0)
+
+
+def _compiled(fn, args, options: dict):
+    return jax.jit(fn).lower(*args).compile(compiler_options=options)
 
 
 def _rate(fn, args, batch: int, seconds: float) -> float:
@@ -105,8 +135,11 @@ def skinny(seconds: float, batch: int = 8, modules: int = 8) -> None:
         "broadcast product, summed": (
             lambda p, w: jnp.sum(p[..., None] * w[:, None], axis=2), (p, w)),
     }  # fmt: skip
-    for name, (fn, args) in ways.items():
-        _report_skinny(name, jax.jit(fn), [jnp.asarray(x) for x in args], seconds, w.nbytes, batch)
+    for suffix, options in COMPILATIONS.items():
+        for name, (fn, args) in ways.items():
+            args = [jnp.asarray(x) for x in args]
+            compiled = _compiled(fn, args, options)
+            _report_skinny(name + suffix, compiled, args, seconds, w.nbytes, batch)
 
     def blas(p, w):
         return [p[m] @ w[m] for m in range(modules)]
@@ -118,14 +151,14 @@ def _report_skinny(name: str, fn, args, seconds: float, kernel_bytes: int, batch
     dt = 1 / _rate(fn, args, 1, seconds)  # seconds per call
     modules = kernel_bytes // (I * J * H * 4)
     rate = batch / (dt * K / modules)  # LoRAs/s at K modules
-    print(f"{name:36s} {dt * 1e3:7.1f} ms for {modules} modules: {kernel_bytes / dt / 1e9:5.1f} "
+    print(f"{name:48s} {dt * 1e3:7.1f} ms for {modules} modules: {kernel_bytes / dt / 1e9:5.1f} "
           f"GB/s of kernel, {rate:6.1f} LoRAs/s at {K} modules", flush=True)  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="8,32")
-    parser.add_argument("--tiles", default="16,32")
+    parser.add_argument("--tiles", default="32")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--skinny", action="store_true", help="the product route's GEMM alone")
@@ -137,13 +170,20 @@ def main() -> None:
     kernel = jnp.asarray(rng.normal(size=(K, J * H, I)).astype(np.float32) * 1e-3)
     dense = jax.block_until_ready(product_dense.as_dense_kernel(kernel, J))
     for batch in (int(b) for b in args.batches.split(",")):
-        u = jnp.asarray(rng.normal(size=(batch, K, I, R)).astype(np.float32) * 1e-2)
-        v = jnp.asarray(rng.normal(size=(batch, K, J, R)).astype(np.float32) * 1e-2)
-        rank_major = jax.block_until_ready((jnp.moveaxis(u, 0, 2), jnp.moveaxis(v, 0, 2)))
-        fns = {"factored": (jax.jit(factored), (*rank_major, kernel))}
+        a = rng.normal(size=(K, batch, I, R)).astype(np.float32) * 1e-2
+        b = rng.normal(size=(K, batch, J, R)).astype(np.float32) * 1e-2
+        leading = (jnp.asarray(a), jnp.asarray(b))
+        rank_major = (jnp.asarray(a.transpose(0, 2, 1, 3)), jnp.asarray(b.transpose(0, 2, 1, 3)))
+        routes = {"factored": (factored, (*rank_major, kernel))}
+        routes["one module's products at a time"] = (module_products, (*leading, dense))
         for tile in (int(t) for t in args.tiles.split(",")):
-            fn = jax.jit(lambda u, v, w, tile=tile: tiled_products(u, v, w, tile))
-            fns[f"tiles of {tile} rows"] = (fn, (u, v, dense))
+            fn = lambda a, b, w, tile=tile: tiled_products(a, b, w, tile)  # noqa: E731
+            routes[f"tiles of {tile} rows"] = (fn, (*leading, dense))
+        fns = {
+            name + suffix: (_compiled(fn, fn_args, options), fn_args)
+            for name, (fn, fn_args) in routes.items()
+            for suffix, options in COMPILATIONS.items()
+        }
         ref = fns["factored"][0](*fns["factored"][1])
         rates: dict[str, list[float]] = {name: [] for name in fns}
         for r in range(args.rounds):

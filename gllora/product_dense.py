@@ -16,7 +16,9 @@ GEMM per module that reads the kernel once, and the only temporary is ``T``
 of its own each call, runs that skinny product at a few GB/s, and reports the copy's
 allocation failure as ``INTERNAL: YNNPACK operation failed``; and the products of a
 batch are a fresh ``B * k * I * J`` buffer per call whose page faults alone cost more
-than reading the kernel (``benchmarks/bench_dense.py``).
+than reading the kernel (``benchmarks/bench_dense.py``). Compiled with YNNPACK's fusions
+off, the products one module at a time still lose to this GEMM at batch 8 and win only
+at batch 32 (``benchmarks/bench_dense_tiles.py``; BUILD_NOTES.md, "Performance").
 
 The gradient is a custom VJP of the batched form: ``dW_i = a_i (b_i * g)`` is one
 ``[I, B r] @ [B r, J h]`` GEMM per module, written straight into the kernel's layout.
