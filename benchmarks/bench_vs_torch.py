@@ -17,6 +17,10 @@ The gllora process also measures the machine's limits (a 2048^2 float32 matmul, 
 streaming read) and prints how far each figure is from them: GL-net's forward is
 FLOP-bound (``FLOPS`` per LoRA), the featurizer reads 1.6 MB per LoRA.
 
+MLP+Dense against the authors' recipe (inference, training step and the memory peak of
+each) is :mod:`benchmarks.bench_dense`, with the same conventions: each (side, phase)
+in its own process, in turn, medians.
+
 Needs PyTorch, which gllora does not depend on: ``pip install torch==2.13.0``.
 
     python -m benchmarks.bench_vs_torch [--seconds 3] [--rounds 3]
