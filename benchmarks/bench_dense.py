@@ -156,12 +156,16 @@ def torch_side(phase: str, seconds: float) -> dict:
 # -- gllora ------------------------------------------------------------------------------
 
 
-def _gllora_model():
+def _gllora_model(u: np.ndarray | None = None, v: np.ndarray | None = None):
+    """``(model, variables, one LoRA, u, v)``: MLP+Dense built on the LoRAs ``u [B, K, N,
+    R]``, ``v [B, K, M, R]`` (default :func:`_factors`), returned in the model's module
+    order."""
     import jax
 
     from gllora import Lora, models
 
-    u, v = _factors()
+    if u is None or v is None:
+        u, v = _factors()
     names = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(K // 2) for p in ("k", "v")]
     one = Lora.from_factors({n: (u[0, i], v[0, i]) for i, n in enumerate(names)})
     model = models.build("mlp_dense", num_outputs=1)

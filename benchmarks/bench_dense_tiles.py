@@ -113,18 +113,14 @@ def slab_products(a: jax.Array, b: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def whole_model(a: np.ndarray, b: np.ndarray):
     """``(apply, args)``: MLP+Dense's inference on the LoRAs ``u = b``, ``v = a``
-    (``a [K, B, I, R]``, ``b [K, B, J, R]``), through the public API."""
-    from gllora import Lora, models
+    (``a [K, B, I, R]``, ``b [K, B, J, R]``), through the public API, built as
+    ``benchmarks/bench_dense.py`` builds it."""
+    from benchmarks import bench_dense
 
-    batch = a.shape[1]
-    names = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(K // 2) for p in ("k", "v")]
-    one = Lora.from_factors({n: (b[i, 0], a[i, 0]) for i, n in enumerate(names)})
-    model = models.build("mlp_dense", num_outputs=1)
-    variables = jax.jit(model.init)(jax.random.key(0), one)
-    order = [names.index(n) for n in one.spec.groups[0].names]
-    u, v = np.swapaxes(b[order], 0, 1), np.swapaxes(a[order], 0, 1)  # [B, K, rows, R]
-    lora = one.replace(u=(jnp.asarray(u),), v=(jnp.asarray(v),),
-                       rank=(jnp.full((batch, K), R, jnp.int32),))  # fmt: skip
+    u, v = np.swapaxes(b, 0, 1), np.swapaxes(a, 0, 1)  # [B, K, rows, R]
+    model, variables, one, u, v = bench_dense._gllora_model(u, v)
+    rank = jnp.full(u.shape[:2], R, jnp.int32)
+    lora = one.replace(u=(jnp.asarray(u),), v=(jnp.asarray(v),), rank=(rank,))
     return jax.vmap(model.apply, in_axes=(None, 0)), (variables, lora)
 
 
